@@ -1,0 +1,121 @@
+"""Lightning Attention and SRMSNorm ops for TransNormerLLM: torch references plus Triton kernels.
+
+This package imports only torch, triton and the standard library. The public ops dispatch once,
+here: Triton for CUDA tensors when it is importable, otherwise the torch reference in
+`reference.py` (the CPU path). `backend="torch"` or `"triton"` forces one; so does the environment
+variable `TRANSNORMER_HF_BACKEND` (for debugging).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import (
+    lightning_attn_chunk_ref,
+    lightning_attn_parallel_ref,
+    lightning_attn_recurrent_ref,
+    srms_norm_ref,
+    validate_lightning_attn_args,
+)
+
+__all__ = [
+    "BACKENDS",
+    "lightning_attn",
+    "lightning_attn_step",
+    "srms_norm",
+    "resolve_backend",
+    "triton_unavailable_reason",
+    "lightning_attn_chunk_ref",
+    "lightning_attn_parallel_ref",
+    "lightning_attn_recurrent_ref",
+    "srms_norm_ref",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "TRANSNORMER_HF_BACKEND"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    if device.type != "cuda":
+        return f"the Triton kernels need CUDA tensors; these are on {device.type}"
+    return "the Triton kernels are not built yet"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn "auto" | "torch" | "triton" (or the environment override) into the backend that will run."""
+    backend = os.environ.get(BACKEND_ENV, backend) if backend == "auto" else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    reason = triton_unavailable_reason(device)
+    if backend == "triton" and reason is not None:
+        raise RuntimeError(f"backend='triton' was requested but {reason}")
+    if backend == "auto":
+        return "torch" if reason is not None else "triton"
+    return backend
+
+
+def lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rates: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal linear attention with per-head decay exp(-decay_rates); see `reference.py` for the math.
+
+    Args:
+        q, k: (B, N, H, d_k). v: (B, N, H, d_v). Any float dtype; accumulation is fp32.
+        decay_rates: (H,) float, >= 0; the per-step decay is exp(-rate).
+        scale: multiplies q (TNL uses 1.0: no 1/sqrt(d) scaling).
+        initial_state: (B, H, d_k, d_v), or (number of sequences, ...) with `cu_seqlens`; fp32.
+        output_final_state: also return the final state, fp32.
+        cu_seqlens: int (S + 1,) boundaries of S sequences packed in a B == 1 batch; the state resets at each.
+        backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+
+    Returns:
+        (o of shape (B, N, H, d_v) in v's dtype, final state or None).
+    """
+    validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
+    resolve_backend(backend, q.device)
+    return lightning_attn_chunk_ref(
+        q, k, v, decay_rates, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )
+
+
+def lightning_attn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rates: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: S <- lambda S + k^T v; o = scale q S. q, k (B, 1, H, d_k); v (B, 1, H, d_v).
+
+    Returns (o of shape (B, 1, H, d_v), the new fp32 state (B, H, d_k, d_v)).
+    """
+    if q.shape[1] != 1:
+        raise ValueError(f"lightning_attn_step takes one token (N == 1); got q of shape {tuple(q.shape)}")
+    validate_lightning_attn_args(q, k, v, decay_rates, state, None)
+    resolve_backend(backend, q.device)
+    out, new_state = lightning_attn_recurrent_ref(
+        q, k, v, decay_rates, scale=scale, initial_state=state, output_final_state=True
+    )
+    return out, new_state
+
+
+def srms_norm(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """Simple RMSNorm (no weight) over the last dim, statistics in fp32, output in x's dtype."""
+    resolve_backend(backend, x.device)
+    return srms_norm_ref(x, eps)

@@ -1,0 +1,228 @@
+"""Readable torch references for Lightning Attention and SRMSNorm (no Triton).
+
+Lightning Attention is causal linear attention with a per-head exponential decay. For one head,
+with decay lambda = exp(-rate) and an optional initial state S_0 (d_k x d_v):
+
+    S_t = lambda * S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t
+
+so o_t = scale * (sum_{s<=t} (q_t . k_s) lambda^(t-s) v_s + lambda^(t+1) q_t S_0). There is no softmax
+and no normaliser (TNL normalises the output with SRMSNorm afterwards).
+
+Three forms compute it, each with the public op's signature and return value `(o, final_state)`:
+- `lightning_attn_parallel_ref`: the masked quadratic definition. O(N^2) memory; the float64 truth.
+- `lightning_attn_recurrent_ref`: the token loop above, which is exactly one decoding step per token.
+- `lightning_attn_chunk_ref`: the blocking the Triton kernel uses (intra-block masked matmul,
+  inter-block through the running state). O(N * block) memory: the CPU path of the model.
+
+Layout follows fla: q, k (B, N, H, d_k), v (B, N, H, d_v); decay rates (H,) fp32 and >= 0; states
+(B, H, d_k, d_v) in fp32 (float64 when the inputs are float64). Every decay factor used is
+exp(-rate * distance) with distance >= 0, so nothing can overflow for any rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def validate_lightning_attn_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+) -> None:
+    """Raise a ValueError naming the argument when shapes or dtypes do not fit (metadata only, no sync)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k and v must be 4-D (B, N, H, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape; got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in (B, N, H); got v {tuple(v.shape)} and q {tuple(q.shape)}")
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise ValueError(f"q, k and v must be floating point; got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, _, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if decay_rates.shape != (heads,) or not decay_rates.is_floating_point():
+        raise ValueError(
+            f"decay_rates must be a float tensor of shape (H,) = ({heads},); got {tuple(decay_rates.shape)} {decay_rates.dtype}"
+        )
+    num_states = batch
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor [0, ..., N] with at least 2 entries; got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
+            )
+        if batch != 1:
+            raise ValueError(f"with cu_seqlens the packed batch must have B == 1; got B = {batch}")
+        num_states = cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (num_states, heads, key_dim, value_dim):
+        raise ValueError(
+            f"initial_state must have shape ({num_states}, {heads}, {key_dim}, {value_dim}) (sequences, H, d_k, d_v); "
+            f"got {tuple(initial_state.shape)}"
+        )
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    # States and decay factors are fp32 whatever the input dtype; float64 stays float64 (test truth).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_sequence(
+    form: Callable[..., tuple[Tensor, Tensor | None]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """Run `form` on each packed sequence of a (1, total, H, D) batch, resetting the state at each boundary."""
+    bounds = cu_seqlens.tolist()
+    outputs, final_states = [], []
+    for index, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        state = None if initial_state is None else initial_state[index : index + 1]
+        out, final = form(
+            q[:, begin:end], k[:, begin:end], v[:, begin:end], decay_rates,
+            scale=scale, initial_state=state, output_final_state=True,
+        )
+        outputs.append(out)
+        final_states.append(final)
+    final_state = torch.cat(final_states, dim=0) if output_final_state else None
+    return torch.cat(outputs, dim=1), final_state
+
+
+def _heads_first(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.transpose(1, 2).to(dtype)  # (B, N, H, D) -> (B, H, N, D)
+
+
+def lightning_attn_parallel_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The quadratic definition with an explicit N x N decay mask; the float64 truth for tests."""
+    if cu_seqlens is not None:
+        return _per_sequence(lightning_attn_parallel_ref, q, k, v, decay_rates, scale,
+                             initial_state, output_final_state, cu_seqlens)
+    dtype = _state_dtype(q)
+    length = q.shape[1]
+    qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # (B, H, N, D)
+    rates = decay_rates.to(dtype).view(-1, 1, 1)  # (H, 1, 1)
+    position = torch.arange(length, device=q.device, dtype=dtype)
+    distance = position[:, None] - position[None, :]  # t - s, (N, N)
+    decay = torch.where(distance >= 0, torch.exp(-rates * distance.clamp(min=0)), 0.0)  # (H, N, N)
+    out = (qh @ kh.transpose(-1, -2) * decay) @ vh
+    # lambda^(N-1-s): how much of token s survives in the final state.
+    key_decay = torch.exp(-rates * (length - 1 - position).view(1, -1, 1))  # (H, N, 1)
+    final_state = (kh * key_decay).transpose(-1, -2) @ vh  # (B, H, d_k, d_v)
+    if initial_state is not None:
+        state = initial_state.to(dtype)
+        out = out + (qh * torch.exp(-rates * (position + 1).view(1, -1, 1))) @ state
+        final_state = final_state + torch.exp(-rates * length) * state
+    out = (scale * out).transpose(1, 2).to(v.dtype)
+    return out, (final_state if output_final_state else None)
+
+
+def lightning_attn_recurrent_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The token loop S_t = lambda S_{t-1} + k_t^T v_t, o_t = scale q_t S_t; with N == 1 it is a decode step."""
+    if cu_seqlens is not None:
+        return _per_sequence(lightning_attn_recurrent_ref, q, k, v, decay_rates, scale,
+                             initial_state, output_final_state, cu_seqlens)
+    dtype = _state_dtype(q)
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    decay = torch.exp(-decay_rates.to(dtype)).view(1, heads, 1, 1)
+    if initial_state is None:
+        state = torch.zeros(batch, heads, key_dim, value_dim, dtype=dtype, device=q.device)
+    else:
+        state = initial_state.to(dtype)
+    qf, kf, vf = (x.to(dtype) for x in (q, k, v))
+    outputs = []
+    for t in range(length):
+        state = decay * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, d_k, d_v)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], state))
+    out = (scale * torch.stack(outputs, dim=1)).to(v.dtype)  # (B, N, H, d_v)
+    return out, (state if output_final_state else None)
+
+
+def lightning_attn_chunk_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    block_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Block-wise form: memory O(N * block). Per block of m tokens (i, j = 0..m-1 inside it):
+
+    o_i = scale * (sum_{j<=i} (q_i . k_j) lambda^(i-j) v_j  +  lambda^(i+1) q_i S)
+    S  <- lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
+    """
+    if cu_seqlens is not None:
+        return _per_sequence(
+            lambda *a, **kw: lightning_attn_chunk_ref(*a, block_size=block_size, **kw),
+            q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens,
+        )
+    dtype = _state_dtype(q)
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # (B, H, N, D)
+    rates = decay_rates.to(dtype).view(-1, 1, 1)  # (H, 1, 1)
+    if initial_state is None:
+        state = torch.zeros(batch, heads, key_dim, value_dim, dtype=dtype, device=q.device)
+    else:
+        state = initial_state.to(dtype)
+    outputs = []
+    for begin in range(0, length, block_size):
+        size = min(block_size, length - begin)
+        q_blk, k_blk, v_blk = (x[:, :, begin : begin + size] for x in (qh, kh, vh))
+        index = torch.arange(size, device=q.device, dtype=dtype)
+        distance = index[:, None] - index[None, :]
+        intra_decay = torch.where(distance >= 0, torch.exp(-rates * distance.clamp(min=0)), 0.0)  # (H, m, m)
+        query_decay = torch.exp(-rates * (index + 1).view(-1, 1))  # lambda^(i+1), (H, m, 1)
+        key_decay = torch.exp(-rates * (size - 1 - index).view(-1, 1))  # lambda^(m-1-j), (H, m, 1)
+        intra = (q_blk @ k_blk.transpose(-1, -2) * intra_decay) @ v_blk
+        outputs.append(intra + (q_blk * query_decay) @ state)
+        state = torch.exp(-rates * size) * state + (k_blk * key_decay).transpose(-1, -2) @ v_blk
+    if outputs:
+        out = torch.cat(outputs, dim=2)
+    else:
+        out = qh.new_zeros(batch, heads, 0, value_dim)
+    out = (scale * out).transpose(1, 2).to(v.dtype)  # (B, N, H, d_v)
+    return out, (state if output_final_state else None)
+
+
+def srms_norm_ref(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Simple RMSNorm without weight: x * rsqrt(mean(x^2) + eps) over the last dim, statistics in fp32."""
+    dtype = _state_dtype(x)
+    xf = x.to(dtype)
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)

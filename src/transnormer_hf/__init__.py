@@ -1,0 +1,51 @@
+"""transnormer-hf: TransNormerLLM (Lightning Attention) as a native transformers model.
+
+Importing this package registers `TransNormerLLMConfig`, `TransNormerLLMModel` and
+`TransNormerLLMForCausalLM` with the transformers Auto* classes (model_type "transnormer_llm").
+That registration is the package's only import side effect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .cache_transnormer import TransNormerLLMCache
+from .configuration_transnormer import PRESETS, TransNormerLLMConfig
+from .modeling_transnormer import (
+    TransNormerLLMForCausalLM,
+    TransNormerLLMModel,
+    TransNormerLLMPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "PRESETS",
+    "TransNormerLLMCache",
+    "TransNormerLLMConfig",
+    "TransNormerLLMForCausalLM",
+    "TransNormerLLMModel",
+    "TransNormerLLMPreTrainedModel",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _register_auto_classes() -> bool:
+    """Register with the Auto* classes unless another class already owns our model_type (then warn)."""
+    model_type = TransNormerLLMConfig.model_type
+    if model_type in CONFIG_MAPPING and CONFIG_MAPPING[model_type] is not TransNormerLLMConfig:
+        logger.warning(
+            "model_type %r is already registered to %s; transnormer_hf did not register its Auto classes. "
+            "Use TransNormerLLMForCausalLM.from_pretrained directly.", model_type, CONFIG_MAPPING[model_type],
+        )
+        return False
+    AutoConfig.register(model_type, TransNormerLLMConfig, exist_ok=True)
+    AutoModel.register(TransNormerLLMConfig, TransNormerLLMModel, exist_ok=True)
+    AutoModelForCausalLM.register(TransNormerLLMConfig, TransNormerLLMForCausalLM, exist_ok=True)
+    return True
+
+
+_register_auto_classes()

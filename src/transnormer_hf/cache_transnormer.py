@@ -1,0 +1,105 @@
+"""TransNormerLLMCache: the recurrent state of every layer plus the number of tokens seen.
+
+A TNL layer needs no keys or values from the past: one fp32 state S of shape (batch, heads, d_k, d_v)
+summarises them (tnl_spec.md section 6), so the cache has the same size at token 100 and at token
+100,000. The LRPE position of the next token is `seen_tokens`; unlike the official code, no position
+offset is kept on the modules, so reusing a model instance never shifts positions (spec section 10.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class TransNormerLLMLayerState:
+    """One layer's fp32 state (batch, heads, d_k, d_v), or None before the first forward."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.state: torch.Tensor | None = None
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else self.state.shape[0]
+
+    def __repr__(self) -> str:
+        shape = None if self.state is None else tuple(self.state.shape)
+        return f"{type(self).__name__}(state={shape})"
+
+    def _map(self, fn) -> None:
+        if self.state is not None:
+            self.state = fn(self.state)
+
+    def reset(self) -> None:
+        self._map(torch.zeros_like)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda s: s[indices.to(s.device)])
+
+    def offload(self) -> None:
+        """States are small and always needed: they stay where they are."""
+
+    def prefetch(self) -> None:
+        """See `offload`."""
+
+
+class TransNormerLLMCache(Cache):
+    """Recurrent cache for `TransNormerLLMModel`: per-layer fp32 states and a seen-token counter.
+
+    Pass a fresh `TransNormerLLMCache(config)` (or nothing) to a forward or to `generate`. Strategies that
+    must roll a cache back (assisted decoding, prompt lookup) cannot work on a recurrent state: `crop`
+    raises and says why.
+    """
+
+    def __init__(self, config=None, num_layers: int | None = None) -> None:
+        if num_layers is None:
+            if config is None:
+                raise ValueError("TransNormerLLMCache needs the model config or num_layers")
+            num_layers = config.num_hidden_layers
+        super().__init__(layers=[TransNormerLLMLayerState() for _ in range(num_layers)])
+        self.seen_tokens = 0
+
+    def __getitem__(self, layer_idx: int) -> torch.Tensor | None:
+        return self.layers[layer_idx].state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.state = None
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove in (0, None):
+            return
+        raise NotImplementedError(
+            "TransNormerLLMCache cannot be cropped: a recurrent state has no per-token entries to remove, so "
+            "decoding strategies that roll back tokens (assisted decoding, prompt lookup) are not supported"
+        )
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory held by the states, in bytes (constant in the sequence length)."""
+        return sum(layer.state.numel() * layer.state.element_size() for layer in self.layers if layer.state is not None)

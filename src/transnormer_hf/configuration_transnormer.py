@@ -1,0 +1,210 @@
+"""TransNormerLLMConfig: typed fields with transformers names, the official names as aliases, validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Activations the official `get_activation_fn` knows (tnl_spec.md section 2). The official code maps any
+# other string to identity silently; we ask for "none" explicitly and reject the rest.
+ACTIVATIONS = ("silu", "swish", "gelu", "relu", "elu", "sigmoid", "exp", "leak", "1+elu", "2+elu", "sine", "none")
+NORM_TYPES = ("simplermsnorm", "layernorm")
+
+# Official field name -> our field name (values carried over unchanged).
+OFFICIAL_ALIASES = {
+    "decoder_embed_dim": "hidden_size",
+    "decoder_layers": "num_hidden_layers",
+    "decoder_attention_heads": "num_attention_heads",
+    "hidden_dim": "attention_hidden_size",
+    "glu_dim": "intermediate_size",
+    "linear_use_lrpe_list": "lrpe_layers",
+    "linear_act_fun": "hidden_act",
+    "init_std": "initializer_range",
+    "bias": "use_bias",
+}
+# Keys an official config.json carries that mean nothing to this model: the official model writes
+# `linear_use_lrpe` (the last layer's flag) onto its config, `add_bos_token` is tokenizer-side, and
+# `auto_map`/`architectures` point at the official remote code.
+OFFICIAL_IGNORED_KEYS = ("linear_use_lrpe", "add_bos_token", "auto_map", "architectures")
+OFFICIAL_MODEL_TYPE = "transnormer"
+
+# Released OpenNLPLab sizes (tnl_spec.md section 2). 385M's config.json was never published: these are
+# the config-class defaults, which match its parameter count; its activation and scale are unverified.
+PRESETS: dict[str, dict[str, Any]] = {
+    "385M": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, attention_hidden_size=1024,
+                 intermediate_size=2816, scale_embedding=True),
+    "1B": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, attention_hidden_size=2048,
+               intermediate_size=5632, scale_embedding=True),
+    "7B": dict(hidden_size=4096, num_hidden_layers=30, num_attention_heads=32, attention_hidden_size=4096,
+               intermediate_size=11008, scale_embedding=False),
+}
+
+
+class TransNormerLLMConfig(PreTrainedConfig):
+    """Configuration of a TransNormerLLM (TNL) model.
+
+    Args:
+        vocab_size: vocabulary size (official 64000, the Baichuan SentencePiece vocabulary).
+        hidden_size: model width d (official `decoder_embed_dim`).
+        num_hidden_layers: number of decoder layers L (official `decoder_layers`).
+        num_attention_heads: number of heads H (official `decoder_attention_heads`).
+        attention_hidden_size: inner width of the token mixer; q, k, v and the gate u are each this
+            wide (official `hidden_dim`). Defaults to `hidden_size`.
+        intermediate_size: SGLU inner width (official `glu_dim`; -1 means `hidden_size`).
+        hidden_act: activation on q and k (official `linear_act_fun`): one of `ACTIVATIONS`.
+        lrpe_layers: one 0/1 flag per layer switching LRPE on (official `linear_use_lrpe_list`).
+            Defaults to LRPE on layer 0 only, as in every released checkpoint.
+        scale_embedding: multiply embeddings by sqrt(hidden_size) (official `no_scale_embedding`, inverted).
+        norm_type: "simplermsnorm" (no parameters) or "layernorm".
+        rms_norm_eps: epsilon of SRMSNorm (the official torch SRMSNorm uses 1e-6).
+        use_bias: biases on the token and channel mixer projections (official `bias`).
+        initializer_range: std of the normal init of linear and embedding weights (official `init_std`).
+        attention_backend: "auto" (Triton on CUDA when available, torch otherwise), "torch" or "triton".
+    """
+
+    model_type = "transnormer_llm"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    attribute_map = {official: ours for official, ours in OFFICIAL_ALIASES.items()}
+    base_model_tp_plan = {
+        "layers.*.token_mixer.qkvu_proj": "colwise",
+        "layers.*.token_mixer.out_proj": "rowwise",
+        "layers.*.channel_mixer.l1": "colwise",
+        "layers.*.channel_mixer.l2": "colwise",
+        "layers.*.channel_mixer.l3": "rowwise",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 64000,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 8,
+        attention_hidden_size: int | None = None,
+        intermediate_size: int = 2816,
+        hidden_act: str = "silu",
+        lrpe_layers: list[int] | None = None,
+        scale_embedding: bool = True,
+        norm_type: str = "simplermsnorm",
+        rms_norm_eps: float = 1e-6,
+        use_bias: bool = False,
+        initializer_range: float = 0.02,
+        attention_backend: str = "auto",
+        use_cache: bool = True,
+        pad_token_id: int | None = 0,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        tie_word_embeddings: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        given = dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads, attention_hidden_size=attention_hidden_size,
+            intermediate_size=intermediate_size, hidden_act=hidden_act, lrpe_layers=lrpe_layers,
+            initializer_range=initializer_range, use_bias=use_bias,
+        )
+        _apply_official_aliases(given, kwargs)
+        if "no_scale_embedding" in kwargs:
+            scale_embedding = not bool(kwargs.pop("no_scale_embedding"))
+        for key in OFFICIAL_IGNORED_KEYS:
+            kwargs.pop(key, None)
+        kwargs.pop("layer_types", None)  # derived below; a saved copy is recomputed, not trusted
+
+        self.vocab_size = given["vocab_size"]
+        self.hidden_size = given["hidden_size"]
+        self.num_hidden_layers = given["num_hidden_layers"]
+        self.num_attention_heads = given["num_attention_heads"]
+        self.attention_hidden_size = given["attention_hidden_size"]
+        if self.attention_hidden_size is None:
+            self.attention_hidden_size = self.hidden_size
+        self.intermediate_size = given["intermediate_size"]
+        if self.intermediate_size == -1:
+            self.intermediate_size = self.hidden_size
+        self.hidden_act = given["hidden_act"]
+        self.lrpe_layers = given["lrpe_layers"]
+        if self.lrpe_layers is None and isinstance(self.num_hidden_layers, int):
+            self.lrpe_layers = [1] + [0] * (self.num_hidden_layers - 1)
+        self.scale_embedding = scale_embedding
+        self.norm_type = norm_type
+        self.rms_norm_eps = rms_norm_eps
+        self.use_bias = given["use_bias"]
+        self.initializer_range = given["initializer_range"]
+        self.attention_backend = attention_backend
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        self._validate()
+        self.lrpe_layers = [int(flag) for flag in self.lrpe_layers]
+        # Every layer is a linear-attention layer: generic transformers code (context parallel, mask
+        # creation) reads this.
+        self.layer_types = ["linear_attention"] * self.num_hidden_layers
+        super().__init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of q, k and v before LRPE (LRPE doubles q and k)."""
+        return self.attention_hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TransNormerLLMConfig":
+        """The config of a released size ("385M", "1B" or "7B"), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        # Official checkpoints say model_type "transnormer" (or nothing) and point auto_map at remote
+        # code; read them as ours so the class's from_pretrained loads them without warnings.
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type", OFFICIAL_MODEL_TYPE) == OFFICIAL_MODEL_TYPE:
+            config_dict = {key: value for key, value in config_dict.items()
+                           if key not in OFFICIAL_IGNORED_KEYS and key != "model_type"}
+        return config_dict, kwargs
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "attention_hidden_size", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.attention_hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide attention_hidden_size "
+                f"({self.attention_hidden_size})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}; got {self.hidden_act!r}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {NORM_TYPES}; got {self.norm_type!r}")
+        if not isinstance(self.lrpe_layers, (list, tuple)) or len(self.lrpe_layers) != self.num_hidden_layers:
+            raise ValueError(
+                f"lrpe_layers must be a list with one 0/1 flag per layer ({self.num_hidden_layers}); "
+                f"got {self.lrpe_layers!r}"
+            )
+        if any(flag not in (0, 1, True, False) for flag in self.lrpe_layers):
+            raise ValueError(f"lrpe_layers entries must be 0 or 1; got {self.lrpe_layers!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be positive; got {self.rms_norm_eps!r}")
+        if not self.initializer_range >= 0:
+            raise ValueError(f"initializer_range must be >= 0; got {self.initializer_range!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton'; got {self.attention_backend!r}")
+
+
+def _apply_official_aliases(given: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """Move official field names from `kwargs` into `given`; a contradiction is a ValueError."""
+    defaults = TransNormerLLMConfig.__init__.__defaults__
+    names = TransNormerLLMConfig.__init__.__code__.co_varnames[1 : 1 + len(defaults)]
+    default_of = dict(zip(names, defaults))
+    for official, ours in OFFICIAL_ALIASES.items():
+        if official not in kwargs:
+            continue
+        value = kwargs.pop(official)
+        if given[ours] != default_of[ours] and given[ours] != value:
+            raise ValueError(
+                f"contradictory config: {ours}={given[ours]!r} but its official alias {official}={value!r}"
+            )
+        given[ours] = value

@@ -1,0 +1,398 @@
+"""TransNormerLLM (TNL) for transformers: SRMSNorm, LRPE, decay rates, SGLU, Lightning Attention, model.
+
+Math and parameter names follow the official OpenNLPLab code (see ../shared/docs/tnl_spec.md, cited as
+"spec"), so released checkpoints load without renaming. Deliberate differences from the official code:
+- positions come from the cache (`seen_tokens`), never from a counter on the module (spec 10.1, 10.2);
+- LRPE angles are computed in fp32, not in the model dtype (spec 9: bf16 rounds positions above 256);
+- LRPE's theta is sized from the attention head dim, so hidden_dim != decoder_embed_dim works (spec 10.4);
+- one layer is allowed: its decay uses rate = slope * (1 + 1e-5) (the official code divides by L - 1 = 0);
+- an unknown activation is an error rather than a silent identity (spec 10.13).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from transnormer_hf.kernels import lightning_attn, lightning_attn_step, srms_norm
+
+from .cache_transnormer import TransNormerLLMCache
+from .configuration_transnormer import TransNormerLLMConfig
+
+# ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, old name deprecated until 5.40)
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _merge_cache_kwargs(cache: object, past_key_values: object) -> TransNormerLLMCache | None:
+    """Accept the cache under either keyword; anything but our cache is a clear error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, TransNormerLLMCache):
+        raise TypeError(
+            f"TransNormerLLM keeps a recurrent state, not keys and values: the cache must be a "
+            f"TransNormerLLMCache (or None); got {type(cache).__name__}"
+        )
+    return cache
+# ---- end of version shim
+
+
+def _exp_activation(x: torch.Tensor) -> torch.Tensor:
+    # The official "exp" subtracts the (gradient-free) max over the head dim before exponentiating.
+    return torch.exp(x - x.amax(dim=-1, keepdim=True).detach())
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "elu": F.elu,
+    "sigmoid": torch.sigmoid,
+    "exp": _exp_activation,
+    "leak": F.leaky_relu,
+    "1+elu": lambda x: 1 + F.elu(x),
+    "2+elu": lambda x: 2 + F.elu(x),
+    "sine": torch.sin,
+    "none": lambda x: x,
+}
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes 2^(-8(h+1)/H); for H not a power of 2, the standard interleaved extension (spec 4)."""
+
+    def power_of_2(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_2(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_2(closest) + power_of_2(2 * closest)[0::2][: num_heads - closest]
+
+
+def decay_rates(num_heads: int, layer_idx: int, num_layers: int) -> list[float]:
+    """Per-head decay rates of one layer: slope_h * (1 - i/(L-1) + 1e-5); lambda = exp(-rate) (spec 4)."""
+    depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
+    return [slope * (1.0 - depth + 1e-5) for slope in alibi_slopes(num_heads)]
+
+
+def lrpe_initial_theta(num_heads: int, head_dim: int) -> torch.Tensor:
+    """theta_{h,j} = 10000^(-2(h*D + j)/(H*D)): one geometric sequence over all heads, (H, 1, D) fp32."""
+    width = num_heads * head_dim
+    return (10000.0 ** (-2.0 / width * torch.arange(width, dtype=torch.float64))).float().view(num_heads, 1, head_dim)
+
+
+class TransNormerLLMSRMSNorm(nn.Module):
+    """Simple RMSNorm without parameters: x / sqrt(mean(x^2) + eps), statistics in fp32."""
+
+    def __init__(self, eps: float = 1e-6, backend: str = "auto") -> None:
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return srms_norm(hidden_states, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+def _make_norm(config: TransNormerLLMConfig, width: int) -> nn.Module:
+    if config.norm_type == "simplermsnorm":
+        return TransNormerLLMSRMSNorm(config.rms_norm_eps, config.attention_backend)
+    return nn.LayerNorm(width, eps=1e-5)  # the official fallback for any other norm_type
+
+
+class TransNormerLLMLrpe(nn.Module):
+    """LRPE: x -> [x cos(theta t), x sin(theta t)], so q'_t . k'_s = sum_j q_j k_j cos(theta_j (t - s))."""
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.theta = nn.Parameter(lrpe_initial_theta(num_heads, head_dim))  # learnable, (H, 1, D)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, N, H, D), positions (N,) absolute -> (B, N, H, 2D) in x's dtype."""
+        theta = self.theta.float().view(1, self.num_heads, self.head_dim)
+        angles = positions.float().view(-1, 1, 1) * theta  # (N, H, D), fp32
+        return torch.cat([x * torch.cos(angles).to(x.dtype), x * torch.sin(angles).to(x.dtype)], dim=-1)
+
+
+class TransNormerLLMMLP(nn.Module):
+    """SGLU channel mixer: l3(l1(x) * l2(x)), with no activation (paper eq. 12)."""
+
+    def __init__(self, config: TransNormerLLMConfig) -> None:
+        super().__init__()
+        width, inner = config.hidden_size, config.intermediate_size
+        self.l1 = nn.Linear(width, inner, bias=config.use_bias)
+        self.l2 = nn.Linear(width, inner, bias=config.use_bias)
+        self.l3 = nn.Linear(inner, width, bias=config.use_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.l1(hidden_states) * self.l2(hidden_states))
+
+
+class TransNormerLLMAttention(nn.Module):
+    """Token mixer ("NormLinearAttention"): out_proj(u * norm(LightningAttention(phi(q), phi(k), v)))."""
+
+    def __init__(self, config: TransNormerLLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        inner = config.attention_hidden_size
+        self.qkvu_proj = nn.Linear(config.hidden_size, 4 * inner, bias=config.use_bias)
+        self.out_proj = nn.Linear(inner, config.hidden_size, bias=config.use_bias)
+        self.norm = _make_norm(config, inner)  # over the whole inner width, all heads jointly
+        self.lrpe = TransNormerLLMLrpe(self.num_heads, self.head_dim) if config.lrpe_layers[layer_idx] else None
+        self.act = ACTIVATIONS[config.hidden_act]
+        # Python floats, turned into an fp32 tensor at use: a float buffer would follow the model to bf16,
+        # where the last layer's lambda = exp(-slope * 1e-5) rounds to exactly 1.
+        self.decay_rates = decay_rates(self.num_heads, layer_idx, config.num_hidden_layers)
+        self.backend = config.attention_backend
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: torch.Tensor | None,
+        positions: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        q, k, v, u = self.qkvu_proj(hidden_states).chunk(4, dim=-1)
+        q, k, v = (x.view(batch, length, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, N, H, D)
+        q, k = self.act(q), self.act(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)  # (B, N, H, 2D)
+        if padding_mask is not None:
+            # The only use of the padding mask (spec 5): padded tokens add nothing to the state, which makes
+            # left padding exact because decay and LRPE are relative.
+            v = v * padding_mask[:, :, None, None].to(v.dtype)
+        rates = torch.tensor(self.decay_rates, dtype=torch.float32, device=q.device)
+        if state is not None and length == 1 and cu_seqlens is None:
+            out, new_state = lightning_attn_step(q, k, v, rates, state, backend=self.backend)
+        else:
+            out, new_state = lightning_attn(
+                q, k, v, rates, initial_state=state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens, backend=self.backend,
+            )
+        out = self.norm(out.reshape(batch, length, -1))  # (B, N, H * D)
+        return self.out_proj(u * out), new_state
+
+
+class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + TokenMixer(norm(x)), then x + SGLU(norm(x))."""
+
+    def __init__(self, config: TransNormerLLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.token_norm = _make_norm(config, config.hidden_size)
+        self.token_mixer = TransNormerLLMAttention(config, layer_idx)
+        self.channel_norm = _make_norm(config, config.hidden_size)
+        self.channel_mixer = TransNormerLLMMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_final_state: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mixed, new_state = self.token_mixer(
+            self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state
+        )
+        hidden_states = hidden_states + mixed
+        hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
+        return hidden_states, new_state
+
+
+class TransNormerLLMPreTrainedModel(PreTrainedModel):
+    config: TransNormerLLMConfig
+    config_class = TransNormerLLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TransNormerLLMDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model creates its own recurrent cache.
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Linear and Embedding (pad row zeroed) as the official init; LRPE theta back to its geometric start.
+        super()._init_weights(module)
+        if isinstance(module, TransNormerLLMLrpe):
+            from transformers import initialization as init
+
+            init.copy_(module.theta, lrpe_initial_theta(module.num_heads, module.head_dim))
+
+
+def _packed_boundaries(position_ids: torch.Tensor | None, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """cu_seqlens of the flattened batch when position_ids restart inside a row (packed documents), else None."""
+    if position_ids is None or padding_mask is not None or position_ids.shape[-1] < 2:
+        return None
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    flat_starts = starts.flatten().nonzero().flatten()
+    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    return torch.cat([flat_starts, total]).to(torch.int64)
+
+
+class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
+    """The decoder stack: scaled embeddings, L decoder layers, final norm."""
+
+    def __init__(self, config: TransNormerLLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(TransNormerLLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = _make_norm(config, config.hidden_size)
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: TransNormerLLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: TransNormerLLMCache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run the decoder. `attention_mask` (B, N_total) is 1 on real tokens; left padding is exact.
+
+        `position_ids` are only read to find packed documents (positions that restart inside a row, the
+        `DataCollatorWithFlattening` convention): the state then resets at each document boundary. LRPE
+        positions come from the cache's seen-token count, like the official code's.
+        """
+        cache = _merge_cache_kwargs(cache, past_key_values)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if use_cache and cache is None:
+            cache = TransNormerLLMCache(self.config)
+        if not use_cache:
+            cache = None
+
+        batch, length = inputs_embeds.shape[:2]
+        padding_mask = None
+        if isinstance(attention_mask, dict):  # compileable-cache generate() passes masks keyed by layer type
+            attention_mask = attention_mask.get("linear_attention")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+                raise ValueError(
+                    f"attention_mask must be 2-D (batch, past + current length) with batch {batch} and at least "
+                    f"{length} columns; got {tuple(attention_mask.shape)}"
+                )
+            padding_mask = attention_mask[:, -length:]
+            if length == 1 or bool(padding_mask.all()):
+                padding_mask = None
+
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is None and length > 1:
+            cu_seqlens = _packed_boundaries(position_ids, padding_mask)
+        hidden_states = inputs_embeds * self.embed_scale
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError(
+                    "packed sequences (position_ids that restart inside a row, or cu_seq_lens_q) hold several "
+                    "documents per row, so they cannot be combined with a cache; pass use_cache=False"
+                )
+            hidden_states = hidden_states.reshape(1, batch * length, -1)  # (1, B * N, d): rows end-to-end
+            cu_seqlens = cu_seqlens.to(device=hidden_states.device, dtype=torch.int64)
+
+        seen = cache.seen_tokens if cache is not None else 0
+        positions = torch.arange(seen, seen + hidden_states.shape[1], device=hidden_states.device)
+        all_hidden_states = () if output_hidden_states else None
+        for layer_idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states.view(batch, length, -1),)
+            state = cache.layers[layer_idx].state if cache is not None else None
+            hidden_states, new_state = layer(
+                hidden_states, state=state, positions=positions, padding_mask=padding_mask,
+                cu_seqlens=cu_seqlens, output_final_state=cache is not None,
+            )
+            if cache is not None:
+                cache.layers[layer_idx].state = new_state
+        hidden_states = self.final_norm(hidden_states).view(batch, length, -1)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            # Advanced once, after every layer, by this forward's length: every layer saw the same positions.
+            cache.seen_tokens += length
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
+    """TNL with a tied language-model head; `generate()` keeps one fixed-size state per layer."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TransNormerLLMConfig) -> None:
+        super().__init__(config)
+        self.model = TransNormerLLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: TransNormerLLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: TransNormerLLMCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits (of the last `logits_to_keep` positions when non-zero) and, with `labels`, the shifted
+        causal-LM loss (ignore index -100; honours `num_items_in_batch` under gradient accumulation)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=_merge_cache_kwargs(cache, past_key_values), inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+        return output if return_dict else output.to_tuple()

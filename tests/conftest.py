@@ -1,0 +1,66 @@
+"""Test set-up: offline Hub, the Triton interpreter on CPU, seeds, fixture paths, tiny configs."""
+
+import os
+
+# Both must be set before any @triton.jit module or transformers is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] == "1":
+    try:
+        import triton.runtime.autotuner as _autotuner
+    except ImportError:  # triton is optional on CPU
+        _autotuner = None
+    if _autotuner is not None:
+        # The interpreter has no GPU driver to benchmark autotune configs with: the first config wins.
+        def _no_bench(kernel_call, quantiles=None, **kwargs):
+            return [0.0, 0.0, 0.0] if quantiles else 0.0
+
+        _autotuner.Autotuner.do_bench = property(lambda self: _no_bench)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TNL_SHARED", REPO.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "tnl_tiny_a"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not FIXTURE.is_dir():
+        raise FileNotFoundError(f"the tnl_tiny_a fixture is missing at {FIXTURE} (set TNL_SHARED)")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def reference(fixture_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture_dir / "reference.safetensors"))
+
+
+def tiny_config(**overrides):
+    """A tiny TNL with peaked logits (init std 0.5), so cache and decoding bugs change tokens."""
+    from transnormer_hf import TransNormerLLMConfig
+
+    fields = dict(vocab_size=48, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  intermediate_size=48, lrpe_layers=[1, 0, 1], initializer_range=0.5)
+    fields.update(overrides)
+    return TransNormerLLMConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model():
+    from transnormer_hf import TransNormerLLMForCausalLM
+
+    torch.manual_seed(0)
+    return TransNormerLLMForCausalLM(tiny_config()).eval()

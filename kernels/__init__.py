@@ -8,6 +8,7 @@ variable `TRANSNORMER_HF_BACKEND` (for debugging).
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -37,19 +38,41 @@ BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "TRANSNORMER_HF_BACKEND"
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on `device`, or None when they can."""
-    if device.type != "cuda":
+_TRITON_MODULES: dict[str, object] = {}
+_TRITON_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def _triton_module(name: str):
+    """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
+    if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
+        try:
+            _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as error:  # triton missing (macOS, CPU-only installs)
+            _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
+    return _TRITON_MODULES.get(name)
+
+
+def triton_unavailable_reason(device: torch.device, module: str = "lightning_attn") -> str | None:
+    """Why the Triton kernels of `module` cannot run on `device`, or None when they can."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not (interpreting and device.type == "cpu"):
         return f"the Triton kernels need CUDA tensors; these are on {device.type}"
-    return "the Triton kernels are not built yet"
+    if _triton_module(module) is None:
+        return _TRITON_IMPORT_ERRORS[module]
+    return None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" | "torch" | "triton" (or the environment override) into the backend that will run."""
+def resolve_backend(backend: str, device: torch.device, module: str = "lightning_attn") -> str:
+    """Turn "auto" | "torch" | "triton" (or the environment override) into the backend that will run.
+
+    "auto" picks Triton only for CUDA tensors (under TRITON_INTERPRET=1, CPU tensors need "triton" explicitly).
+    """
     backend = os.environ.get(BACKEND_ENV, backend) if backend == "auto" else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    reason = triton_unavailable_reason(device)
+    if backend == "auto" and device.type != "cuda":
+        return "torch"
+    reason = triton_unavailable_reason(device, module)
     if backend == "triton" and reason is not None:
         raise RuntimeError(f"backend='triton' was requested but {reason}")
     if backend == "auto":

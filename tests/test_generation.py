@@ -201,3 +201,13 @@ def test_text_generation_pipeline(tiny_model, word_tokenizer):
     assert result["generated_token_ids"] == expected[0].tolist()
     text = generator("w5 w9 w30 w7", max_new_tokens=NEW_TOKENS, do_sample=False)[0]["generated_text"]
     assert text.startswith("w5 w9 w30 w7") and len(text.split()) >= NEW_TOKENS
+
+
+def test_generate_never_computes_logits_for_the_whole_prompt(tiny_model):
+    seen = []
+    hook = tiny_model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    try:
+        tiny_model.generate(torch.randint(3, 48, (2, 40)), max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen == [1, 1, 1]

@@ -29,7 +29,7 @@ import transnormer_hf
 import transnormer_hf.kernels
 
 from .checkpoint import CheckpointReader, staged_directory
-from .verify import fixed_input_ids, logits_of
+from .verify import fixed_input_ids, logits_of, quiet_loading
 
 PACKAGE_DIR = Path(transnormer_hf.__file__).parent
 KERNELS_DIR = Path(transnormer_hf.kernels.__file__).parent
@@ -224,7 +224,8 @@ def export_remote_code(dst: str | Path, verify: bool = True, log: Callable[[str]
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if verify:
             ids = fixed_input_ids(config["vocab_size"])
-            model = AutoModelForCausalLM.from_pretrained(staging, dtype="auto").eval()
+            with quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(staging, dtype="auto").eval()
             expected = logits_of(model, ids)
             del model
             got, module = remote_logits(staging, ids)

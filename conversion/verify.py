@@ -7,12 +7,14 @@ the output is discarded. The numbers end up in the printed summary, in `conversi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 
@@ -62,9 +64,13 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def compare_tensors(
-    expected: Iterable[tuple[str, torch.Tensor]], written: CheckpointReader, where: str
+    expected: Iterable[tuple[str, torch.Tensor]], written: CheckpointReader, where: str, aliases: Iterable[str] = ()
 ) -> tuple[int, int, int]:
-    """Compare each expected tensor with the one written under its name; returns (tensors, parameters, bytes)."""
+    """Compare each expected tensor with the one written under its name; returns (tensors, parameters, bytes).
+
+    `aliases` are compared but not counted in parameters and bytes (a tied key stored with shared storage).
+    """
+    aliases = set(aliases)
     names_written = set(written.infos())
     count = parameters = size = 0
     seen = set()
@@ -79,8 +85,9 @@ def compare_tensors(
             )
         seen.add(name)
         count += 1
-        parameters += tensor.numel()
-        size += tensor.numel() * tensor.element_size()
+        if name not in aliases:
+            parameters += tensor.numel()
+            size += tensor.numel() * tensor.element_size()
     if names_written - seen:
         raise ValueError(f"verification failed: {where} has tensors the source has not: {sorted(names_written - seen)[:5]}")
     written.release()
@@ -106,12 +113,25 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bar while verifying (restored afterwards)."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def compare_logits(reference: Callable[[], nn.Module], reloaded: Callable[[], nn.Module], ids: torch.Tensor) -> float:
     """Logits of the source model vs the reloaded output; models are built one after the other (one in memory)."""
     model = reference()
     expected = logits_of(model, ids)
     del model
-    model = reloaded()
+    with quiet_loading():
+        model = reloaded()
     got = logits_of(model, ids)
     del model
     if got.shape != expected.shape:

@@ -59,7 +59,7 @@ def bundle_sources() -> dict[str, Path]:
     return sources
 
 
-def _rewrite_imports(text: str, in_kernels: bool, source: Path) -> str:
+def _rewrite_imports(text: str, in_kernels: bool) -> str:
     """Point package imports at the flat siblings; anything else from transnormer_hf is an error."""
 
     def package_import(match: re.Match) -> str:
@@ -70,10 +70,9 @@ def _rewrite_imports(text: str, in_kernels: bool, source: Path) -> str:
             return f"{indent}from .kernels_{module.removeprefix('kernels.')} import {names}"
         return f"{indent}from .{module} import {names}"
 
-    text = re.sub(r"^(\s*)from transnormer_hf\.([\w.]+) import (.*)$", package_import, text, flags=re.MULTILINE)
-    if in_kernels:
+    if in_kernels:  # first: the package rewrite below produces relative imports that are already flat
         text = re.sub(r"^(\s*)from \.(\w+) import (.*)$", r"\1from .kernels_\2 import \3", text, flags=re.MULTILINE)
-    return text
+    return re.sub(r"^(\s*)from transnormer_hf\.([\w.]+) import (.*)$", package_import, text, flags=re.MULTILINE)
 
 
 def _guard_triton(text: str) -> str:
@@ -98,8 +97,7 @@ def generate_bundle() -> dict[str, str]:
     bundle = {}
     for name, path in sources.items():
         text = path.read_text()
-        in_kernels = path.parent == KERNELS_DIR
-        text = _rewrite_imports(text, in_kernels, path)
+        text = _rewrite_imports(text, in_kernels=name.startswith("kernels_"))
         if name == f"{KERNELS_MODULE}.py":
             if text.count(LAZY_KERNEL_IMPORT) != 1:
                 raise RuntimeError(

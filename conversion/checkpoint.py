@@ -15,7 +15,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +44,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
-
-    @property
-    def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -308,7 +304,7 @@ def write_safetensors(
 def write_bin(
     folder: Path,
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-    load: callable,
+    load: Callable[[list[str]], dict[str, torch.Tensor]],
     max_shard_bytes: int,
     shared: dict[str, str],
 ) -> list[str]:

@@ -6,7 +6,7 @@ import argparse
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .converter import convert
 
     convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
             to=args.to)

@@ -16,7 +16,7 @@ from typing import Any
 
 import transnormer_hf
 
-from .convert import RECORD_FILE
+from .converter import RECORD_FILE
 from .verify import sha256_files
 
 CARD_TEMPLATE = """---
@@ -99,10 +99,10 @@ def model_card(folder: Path, repo_id: str, record: dict[str, Any], license: str 
     verification = record["verification"]
     return ModelCard.from_template(
         data, template_str=CARD_TEMPLATE, title=repo_id.split("/")[-1],
-        origin=f"converted from [{base_model}](https://huggingface.co/{base_model})" if base_model else "checkpoint",
+        origin=f"from [{base_model}](https://huggingface.co/{base_model})" if base_model else "checkpoint",
         version=transnormer_hf.__version__, usage=usage, v=verification,
         format_note="the official checkpoint format." if official else
-        "safetensors, `model_type: transnormer_llm`, a fast tokenizer that needs no remote code.",
+        "safetensors weights and `model_type: transnormer_llm`; any tokenizer is a fast one, no remote code needed.",
         cast_note="" if verification["cast"] == "none" else f" (cast {verification['cast']}, exactly)",
     )
 

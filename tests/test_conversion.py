@@ -221,7 +221,7 @@ def test_corrupt_input_is_a_clear_error_and_leaves_dst_untouched(case, tmp_path,
 def test_failure_after_writing_leaves_dst_untouched(monkeypatch, tmp_path, capsys):
     import importlib
 
-    convert_module = importlib.import_module("transnormer_hf.conversion.convert")  # the module, not the function
+    convert_module = importlib.import_module("transnormer_hf.conversion.converter")  # the module, not the function
 
     def failing_check(*args, **kwargs):
         raise ValueError("verification failed: simulated")

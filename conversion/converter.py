@@ -113,7 +113,9 @@ def convert(
     target = DTYPES.get(dtype)
     layout = {out: (infos[name].shape, target or infos[name].dtype) for out, name in sources.items()}
     config.dtype = target or infos[tied_from or EMBED_KEY].dtype
-    cast = "none" if target is None or all(infos[n].dtype == target for n in sources.values()) else f"to {target}"
+    source_dtypes = sorted({str(infos[n].dtype).removeprefix("torch.") for n in sources.values()})
+    cast = ("none" if target is None or all(infos[n].dtype == target for n in sources.values())
+            else f"{'+'.join(source_dtypes)} -> {str(target).removeprefix('torch.')}")
 
     def source_tensors():
         for out, name in sources.items():

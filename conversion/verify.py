@@ -44,7 +44,7 @@ class Verification:
             f"  tensors    {self.tensors} tensors, {self.parameters:,} parameters, {self.bytes / 1e6:,.1f} MB "
             f"({self.dtype}; cast: {self.cast})",
             f"  bitwise    {self.tensors}/{self.tensors} tensors identical to the source"
-            + ("" if self.cast == "none" else " cast exactly to the target dtype")
+            + ("" if self.cast == "none" else " after the exact cast")
             + f" (max |diff| {self.tensor_max_diff:g})",
             f"  logits     max |diff| {self.logits_max_diff:g} on fixed ids {tuple(self.logits_shape[:2])}, "
             f"reloaded with {self.reloaded_with}",

@@ -92,6 +92,16 @@ def test_sharded_round_trip_through_both_formats(tmp_path):
     assert all(bitwise(final[name], source[name]) for name in final)
 
 
+def test_legacy_pickle_with_only_the_lm_head_key(tmp_path):
+    src = copy_folder(FIXTURE / "released", tmp_path / "src")
+    state = fixture_state()
+    embedding = state.pop(EMBED)
+    torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # not memory-mappable
+    dst = tmp_path / "dst"
+    convert(str(src), dst, log=lambda line: None)
+    assert bitwise(read_all(dst)[EMBED], embedding)  # tied: either key is enough
+
+
 @pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_dtype_casts_are_exact(dtype, torch_dtype, converted, tmp_path):
     dst = tmp_path / dtype

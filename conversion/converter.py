@@ -12,10 +12,12 @@ from __future__ import annotations
 import gc
 import json
 import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import transnormer_hf
@@ -62,6 +64,85 @@ def _source_license(folder: Path) -> str | None:
         return None
 
 
+class Source:
+    """A checked source checkpoint: its config, its tensors (cast to the target dtype on read) and the tie.
+
+    `names` maps each output tensor name to the source tensor it is read from, in storage order. With tied
+    embeddings the shared tensor appears once, as the embedding, whichever key the source stored it under.
+    """
+
+    def __init__(self, folder: Path, repo_id: str | None, dtype: str) -> None:
+        self.folder, self.repo_id = folder, repo_id
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"no config.json in {folder}")
+        try:
+            self.config = config_from_dict(json.loads(config_path.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        self.reader = CheckpointReader(folder)
+        infos = self.reader.infos()
+        check_layout(infos, self.config, where=str(folder))
+        self.tied_from = tie_source(infos, self.config)
+        if self.tied_from is not None and EMBED_KEY in infos and LM_HEAD_KEY in infos:
+            if not bitwise_equal(self.reader.tensor(EMBED_KEY), self.reader.tensor(LM_HEAD_KEY)):
+                raise ValueError(
+                    f"{folder}: {LM_HEAD_KEY} differs from {EMBED_KEY}, but the config ties them "
+                    "(tie_word_embeddings); an untied checkpoint needs tie_word_embeddings: false in its config.json"
+                )
+            self.reader.release()
+        self.names = {name: name for name in infos if self.tied_from is None or name not in (EMBED_KEY, LM_HEAD_KEY)}
+        if self.tied_from is not None:
+            self.names = {EMBED_KEY: self.tied_from, **self.names}
+        self.target = DTYPES.get(dtype)
+        self.layout = {out: (infos[name].shape, self.target or infos[name].dtype) for out, name in self.names.items()}
+        self.config.dtype = self.target or infos[self.tied_from or EMBED_KEY].dtype
+        dtypes = {infos[name].dtype for name in self.names.values()}
+        self.cast = "none" if self.target is None or dtypes == {self.target} else (
+            f"{'+'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} -> {str(self.target).removeprefix('torch.')}"
+        )
+
+    def tensor(self, out: str) -> torch.Tensor:
+        """The output tensor `out`: the source tensor, cast exactly to the target dtype."""
+        return cast_exactly(out, self.reader.tensor(self.names[out]), self.target)
+
+    def tensors(self, outs) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for each output name, read in order; the source mapping is released at the end."""
+        for out in outs:
+            yield out, self.tensor(out)
+        self.reader.release()
+
+    def model(self) -> nn.Module:
+        """The model made of exactly these tensors (the reference of the logits check)."""
+        state = dict(self.tensors(self.names))
+        if self.tied_from is not None:
+            state[LM_HEAD_KEY] = state[EMBED_KEY]
+        return model_from_tensors(self.config, state)
+
+
+def _write_transformers(source: Source, staging: Path, max_shard_bytes: int) -> tuple[list[str], str, dict[str, str]]:
+    """Our format: config, sharded safetensors (the tie stored once), fast tokenizer."""
+    source.config.architectures = [TransNormerLLMForCausalLM.__name__]
+    source.config.save_pretrained(staging)
+    files = write_safetensors(staging, source.layout, source.tensors(source.names), max_shard_bytes)
+    tokenizer = convert_tokenizer(source.folder, staging, source.config.pad_token_id)
+    return files, tokenizer, {name: name for name in source.names}
+
+
+def _write_official(source: Source, staging: Path, max_shard_bytes: int) -> tuple[list[str], str, dict[str, str]]:
+    """The released format: official config names, .bin shards with both tied keys, tokenizer files copied."""
+    official = official_config_dict(source.config, source.config.dtype)
+    (staging / "config.json").write_text(json.dumps(official, indent=2, sort_keys=True) + "\n")
+    shared = {LM_HEAD_KEY: EMBED_KEY} if source.tied_from is not None else {}
+    layout = {**source.layout, **{alias: source.layout[target] for alias, target in shared.items()}}
+    files = write_bin(staging, layout, lambda names: dict(source.tensors(names)), max_shard_bytes, shared)
+    copied = [name for name in TOKENIZER_FILES if (source.folder / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source.folder / name, staging / name)
+    tokenizer = f"copied {', '.join(copied)}" if copied else "none in the source"
+    return files, tokenizer, {name: name for name in source.names} | shared
+
+
 def convert(
     src: str,
     dst: str | Path,
@@ -80,110 +161,40 @@ def convert(
     local = Path(src).expanduser()
     check_destination(dst, overwrite, [local] if local.exists() else [])
     max_shard_bytes = parse_size(max_shard_size)
-    folder, repo_id = resolve_source(src)
-
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"no config.json in {folder}")
-    try:
-        config_dict = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    config = config_from_dict(config_dict)
-    reader = CheckpointReader(folder)
-    infos = reader.infos()
-    check_layout(infos, config, where=str(folder))
-    tied_from = tie_source(infos, config)
-    if tied_from is not None and EMBED_KEY in infos and LM_HEAD_KEY in infos:
-        if not bitwise_equal(reader.tensor(EMBED_KEY), reader.tensor(LM_HEAD_KEY)):
-            raise ValueError(
-                f"{folder}: {LM_HEAD_KEY} differs from {EMBED_KEY}, but the config ties them (tie_word_embeddings); "
-                "an untied checkpoint needs tie_word_embeddings: false in its config.json"
-            )
-        reader.release()
-
-    # Output name -> source name, in storage order. Tied: the shared tensor is stored once (as the embedding).
-    sources: dict[str, str] = {}
-    for name in infos:
-        if tied_from is not None and name in (EMBED_KEY, LM_HEAD_KEY):
-            if name == tied_from:
-                sources[EMBED_KEY] = name
-        else:
-            sources[name] = name
-    target = DTYPES.get(dtype)
-    layout = {out: (infos[name].shape, target or infos[name].dtype) for out, name in sources.items()}
-    config.dtype = target or infos[tied_from or EMBED_KEY].dtype
-    source_dtypes = sorted({str(infos[n].dtype).removeprefix("torch.") for n in sources.values()})
-    cast = ("none" if target is None or all(infos[n].dtype == target for n in sources.values())
-            else f"{'+'.join(source_dtypes)} -> {str(target).removeprefix('torch.')}")
-
-    def source_tensors():
-        for out, name in sources.items():
-            yield out, cast_exactly(out, reader.tensor(name), target)
-        reader.release()
+    source = Source(*resolve_source(src), dtype)
 
     with staged_directory(dst) as staging:
-        generation = (GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file()
-                      else GenerationConfig.from_model_config(config))
+        generation_file = source.folder / "generation_config.json"
+        generation = (GenerationConfig.from_pretrained(source.folder) if generation_file.is_file()
+                      else GenerationConfig.from_model_config(source.config))
         generation.save_pretrained(staging)
-        if to == "transformers":
-            config.architectures = [TransNormerLLMForCausalLM.__name__]
-            config.save_pretrained(staging)
-            weight_files = write_safetensors(staging, layout, source_tensors(), max_shard_bytes)
-            tokenizer = convert_tokenizer(folder, staging, config.pad_token_id)
-            expected_names = dict(sources)
-        else:
-            official = official_config_dict(config, config.dtype)
-            (staging / "config.json").write_text(json.dumps(official, indent=2, sort_keys=True) + "\n")
-            shared = {LM_HEAD_KEY: EMBED_KEY} if tied_from is not None else {}
-            bin_layout = dict(layout)
-            if shared:
-                bin_layout[LM_HEAD_KEY] = layout[EMBED_KEY]
+        write = _write_transformers if to == "transformers" else _write_official
+        weight_files, tokenizer, written_from = write(source, staging, max_shard_bytes)
 
-            def load(names: list[str]) -> dict[str, torch.Tensor]:
-                return {n: cast_exactly(n, reader.tensor(sources[n]), target) for n in names}
-
-            weight_files = write_bin(staging, bin_layout, load, max_shard_bytes, shared)
-            reader.release()
-            copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-            for name in copied:
-                (staging / name).write_bytes((folder / name).read_bytes())
-            tokenizer = f"copied {', '.join(copied)}" if copied else "none in the source"
-            expected_names = {**sources, **({LM_HEAD_KEY: tied_from} if shared else {})}
-
-        def expected():
-            for out, name in expected_names.items():
-                yield out, cast_exactly(out, reader.tensor(name), target)
-            reader.release()
-
+        # Verification: every written tensor (an alias is the tied key stored twice) against the source ...
+        aliases = set(written_from) - set(source.names)
         count, parameters, size = compare_tensors(
-            expected(), CheckpointReader(staging), "the output", aliases=set(expected_names) - set(sources)
+            ((name, source.tensor(out)) for name, out in written_from.items()), CheckpointReader(staging),
+            "the output", aliases=aliases,
         )
+        source.reader.release()
         gc.collect()
-
-        def reference():
-            state = {out: cast_exactly(out, reader.tensor(name), target) for out, name in sources.items()}
-            if tied_from is not None:
-                state[LM_HEAD_KEY] = state[EMBED_KEY]
-            model = model_from_tensors(config, state)
-            reader.release()
-            return model
-
+        # ... then the logits of the reloaded output against a model built from the source tensors.
         loader = AutoModelForCausalLM if to == "transformers" else TransNormerLLMForCausalLM
-        logits_diff = compare_logits(
-            reference, lambda: loader.from_pretrained(staging, dtype="auto").eval(), fixed_input_ids(config.vocab_size)
-        )
+        ids = fixed_input_ids(source.config.vocab_size)
+        logits_diff = compare_logits(source.model, lambda: loader.from_pretrained(staging, dtype="auto").eval(), ids)
         gc.collect()
+
         verification = Verification(
-            tensors=count, parameters=parameters, bytes=size, dtype=str(config.dtype).removeprefix("torch."), cast=cast,
-            tensor_max_diff=0.0, logits_max_diff=logits_diff, logits_shape=[*fixed_input_ids(1).shape, config.vocab_size],
-            reloaded_with=f"{loader.__name__}.from_pretrained", tokenizer=tokenizer,
-            files=sorted(p.name for p in staging.iterdir()) + [RECORD_FILE],
+            tensors=count, parameters=parameters, bytes=size, dtype=str(source.config.dtype).removeprefix("torch."),
+            cast=source.cast, tensor_max_diff=0.0, logits_max_diff=logits_diff,
+            logits_shape=[*ids.shape, source.config.vocab_size], reloaded_with=f"{loader.__name__}.from_pretrained",
+            tokenizer=tokenizer, files=sorted(p.name for p in staging.iterdir()) + [RECORD_FILE],
         )
         record = {
             "format": to,
-            "source": {"path": str(folder) if repo_id is None else None, "repo_id": repo_id,
-                       "license": _source_license(folder), "format": reader.format},
+            "source": {"path": None if source.repo_id else str(source.folder), "repo_id": source.repo_id,
+                       "license": _source_license(source.folder), "format": source.reader.format},
             "transnormer_hf_version": transnormer_hf.__version__,
             "verification": verification.to_dict(),
             "sha256": sha256_files(staging, weight_files),

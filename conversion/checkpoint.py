@@ -113,14 +113,18 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise ValueError(f"cannot read {path}: corrupt safetensors header ({error})") from error
     data_start = 8 + header_len
     end = 0
+    if not isinstance(header, dict):
+        raise ValueError(f"cannot read {path}: corrupt safetensors header (not a JSON object)")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry.get("dtype") not in TORCH_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        begin, stop = entry["data_offsets"]
-        expected = _numel(entry["shape"]) * _itemsize(TORCH_DTYPES[entry["dtype"]])
-        if stop - begin != expected or begin < 0:
+        try:
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            begin, stop = entry["data_offsets"]
+            fits = 0 <= begin and stop - begin == _numel(entry["shape"]) * _itemsize(dtype)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"cannot read {path}: corrupt safetensors entry for {name!r} ({error!r})") from error
+        if not fits:
             raise ValueError(f"{path}: tensor {name!r} has data offsets {entry['data_offsets']} that do not fit its shape")
         end = max(end, stop)
     if data_start + end > size:

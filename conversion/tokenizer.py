@@ -119,7 +119,8 @@ def _build_fast(model_file: Path, add_bos: bool, add_eos: bool, pad_id: int | No
         raise ValueError(f"{model_file}: only BPE and Unigram SentencePiece models convert; got model_type "
                          f"{proto.trainer_spec.model_type}")
     build = SpmConverter.build_tokenizer_from_spm_proto
-    # ---- transformers version shim: `legacy` appeared after 5.17; legacy=True is SentencePiece's behaviour
+    # ---- transformers version shim: older 5.x lack `legacy` (legacy=True is SentencePiece's own behaviour);
+    # whatever the version builds, the id check in convert_tokenizer refuses a tokenizer that differs.
     extra = {"legacy": True} if "legacy" in inspect.signature(build).parameters else {}
     backend = build(proto, vocab, **extra)
     if backend is None:

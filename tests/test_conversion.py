@@ -116,10 +116,11 @@ def test_dtype_casts_are_exact(dtype, torch_dtype, converted, tmp_path):
     assert all(bitwise(t, written[name].float()) for name, t in read_all(up).items())
 
 
-def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path):
+def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path, monkeypatch):
     sentencepiece = pytest.importorskip("sentencepiece")  # the converter's id check needs it too
     from transformers import AutoTokenizer
 
+    from transnormer_hf.conversion import tokenizer as tokenizer_module
     from transnormer_hf.conversion.tokenizer import SAMPLE_TEXTS
 
     corpus = ["Hello world, a tiny corpus for a tiny tokenizer.", "The quick brown fox jumps over the lazy dog!",
@@ -140,6 +141,12 @@ def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path):
     for text in SAMPLE_TEXTS + ("an unseen sentence, with 987 and 😀",):
         assert fast(text).input_ids == [processor.bos_id()] + processor.encode(text), text
     assert fast.padding_side == "left"
+    # A text the fast tokenizer reads differently ("<s>" is a special token to it, plain text to SentencePiece)
+    # makes the check refuse the tokenizer: nothing is written.
+    monkeypatch.setattr(tokenizer_module, "SAMPLE_TEXTS", SAMPLE_TEXTS + ("<s> is text to SentencePiece",))
+    with pytest.raises(ValueError, match="disagrees with SentencePiece on '<s> is text"):
+        convert(str(src), tmp_path / "refused", log=lambda line: None)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_hub_id_source_is_downloaded_and_recorded(monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ import gc
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -106,7 +106,7 @@ class Source:
         """The output tensor `out`: the source tensor, cast exactly to the target dtype."""
         return cast_exactly(out, self.reader.tensor(self.names[out]), self.target)
 
-    def tensors(self, outs) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, outs: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for each output name, read in order; the source mapping is released at the end."""
         for out in outs:
             yield out, self.tensor(out)

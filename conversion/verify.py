@@ -110,6 +110,7 @@ def model_from_tensors(config: TransNormerLLMConfig, tensors: dict[str, torch.Te
 
 @torch.no_grad()
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a no-cache forward."""
     return model(input_ids=ids, use_cache=False).logits.float()
 
 

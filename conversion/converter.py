@@ -125,7 +125,7 @@ def _write_transformers(source: Source, staging: Path, max_shard_bytes: int) -> 
     source.config.architectures = [TransNormerLLMForCausalLM.__name__]
     source.config.save_pretrained(staging)
     files = write_safetensors(staging, source.layout, source.tensors(source.names), max_shard_bytes)
-    tokenizer = convert_tokenizer(source.folder, staging, source.config.pad_token_id)
+    tokenizer = convert_tokenizer(source.folder, staging, source.config.pad_token_id, source.config.vocab_size)
     return files, tokenizer, {name: name for name in source.names}
 
 

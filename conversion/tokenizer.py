@@ -1,15 +1,15 @@
 """The tokenizer: the released SentencePiece model (which needs remote code) as a fast `tokenizer.json`.
 
 The fast tokenizer is built from the SentencePiece model's own settings (normalizer, dummy prefix, byte
-fallback, merges ranked by score) and then checked: on a fixed set of sample texts it must give exactly the ids
+fallback, merges ranked by score; the same on every transformers version) and then checked: on a fixed set of sample texts it must give exactly the ids
 of `sentencepiece` itself (when that package is installed), otherwise nothing is written. (Special-token
 strings such as "<s>" inside a text are read as special tokens, as by the official transformers tokenizer.)
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -104,27 +104,60 @@ def _source_tokenizer_config(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _backend(proto: SimpleNamespace) -> "tokenizers.Tokenizer":  # noqa: F821
+    """A `tokenizers` pipeline that encodes like SentencePiece with the settings stored in the model.
+
+    SentencePiece normalises (charsmap, then extra spaces, then " " -> "▁", then the dummy "▁" prefix) and
+    segments the whole normalised text: BPE applies merges in the order of the merged piece's score, Unigram
+    picks the best-scoring segmentation. User-defined pieces are always emitted whole.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    user_defined = [piece.piece for piece in proto.pieces if piece.type == 4]
+    if spec.model_type == 2:  # BPE
+        vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+        mergeable = {piece.piece: (-piece.score, index) for index, piece in enumerate(proto.pieces) if piece.type == 1}
+        ranked = sorted(
+            (rank, text[:cut], text[cut:]) for text, rank in mergeable.items()
+            for cut in range(1, len(text)) if text[:cut] in mergeable and text[cut:] in mergeable
+        )
+        model = BPE(vocab=vocab, merges=[(left, right) for _, left, right in ranked], unk_token=spec.unk_piece,
+                    fuse_unk=True, byte_fallback=spec.byte_fallback, ignore_merges=bool(user_defined))
+    elif spec.model_type == 1:  # Unigram
+        model = Unigram([(piece.piece, piece.score) for piece in proto.pieces], spec.unk_id, spec.byte_fallback)
+    else:
+        raise ValueError(f"only BPE and Unigram SentencePiece models convert; got model_type {spec.model_type}")
+    tokenizer = Tokenizer(model)
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:  # spaces only: SentencePiece leaves tabs and newlines alone
+        steps += [normalizers.Replace(Regex(r"^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    if user_defined:
+        pattern = "|".join(re.escape(piece) for piece in sorted(user_defined, key=len, reverse=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    steps = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if spec.byte_fallback else []) + [decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
 def _build_fast(model_file: Path, add_bos: bool, add_eos: bool, pad_id: int | None):
     """A `PreTrainedTokenizerFast` equivalent to the SentencePiece model in `model_file`."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SpmConverter
 
     proto = read_sentencepiece_model(model_file)
-    if proto.trainer_spec.model_type == 2:  # BPE: token -> id
-        vocab: dict | list = {piece.piece: index for index, piece in enumerate(proto.pieces)}
-    elif proto.trainer_spec.model_type == 1:  # Unigram: (piece, score)
-        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
-    else:
-        raise ValueError(f"{model_file}: only BPE and Unigram SentencePiece models convert; got model_type "
-                         f"{proto.trainer_spec.model_type}")
-    build = SpmConverter.build_tokenizer_from_spm_proto
-    # ---- transformers version shim: older 5.x lack `legacy` (legacy=True is SentencePiece's own behaviour);
-    # whatever the version builds, the id check in convert_tokenizer refuses a tokenizer that differs.
-    extra = {"legacy": True} if "legacy" in inspect.signature(build).parameters else {}
-    backend = build(proto, vocab, **extra)
-    if backend is None:
-        raise ValueError(f"{model_file}: transformers could not build a fast tokenizer from this SentencePiece model")
+    try:
+        backend = _backend(proto)
+    except ValueError as error:
+        raise ValueError(f"{model_file}: {error}") from error
 
     def piece(index: int) -> str | None:
         return proto.pieces[index].piece if 0 <= index < len(proto.pieces) else None
@@ -160,7 +193,7 @@ def _check_ids(model_file: Path, saved: Path, add_bos: bool, add_eos: bool) -> i
     return len(SAMPLE_TEXTS)
 
 
-def convert_tokenizer(src: Path, dst: Path, pad_id: int | None) -> str:
+def convert_tokenizer(src: Path, dst: Path, pad_id: int | None, vocab_size: int | None = None) -> str:
     """Put a fast tokenizer into `dst`; returns a one-line description for the summary.
 
     A source `tokenizer.json` is copied with its companions; a `tokenizer.model` (SentencePiece) is converted
@@ -174,6 +207,9 @@ def convert_tokenizer(src: Path, dst: Path, pad_id: int | None) -> str:
     model_file = src / "tokenizer.model"
     if not model_file.is_file():
         return "none in the source (no tokenizer.json or tokenizer.model)"
+    pieces = len(read_sentencepiece_model(model_file).pieces)
+    if vocab_size is not None and pieces > vocab_size:
+        raise ValueError(f"{model_file} has {pieces} pieces but the model's vocab_size is {vocab_size}")
     config = _source_tokenizer_config(src)
     # BaiChuanTokenizer's class defaults (tnl_spec.md section 3) when the source has no tokenizer_config.json.
     add_bos, add_eos = bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))

@@ -149,6 +149,33 @@ def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path, monke
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_conversion_with_byte_fallback(model_type, tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    from transnormer_hf.conversion.tokenizer import SAMPLE_TEXTS, convert_tokenizer
+
+    corpus = ["Hello world, a small corpus for a small tokenizer.", "The quick brown fox jumps over the lazy dog!",
+              "数字 12345 和中文 def f(x): return x * 2", "  spaced   out\ttabs\nnewlines  "] * 30
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=310, model_type=model_type,
+        byte_fallback=True, character_coverage=0.99, user_defined_symbols=["<tool>"], minloglevel=2,
+    )
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    shutil.copyfile(tmp_path / "sp.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert "same ids as SentencePiece" in convert_tokenizer(src, dst, pad_id=0, vocab_size=310)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    fast = AutoTokenizer.from_pretrained(dst)
+    for text in SAMPLE_TEXTS + ("unseen ☃ bytes 😀 and <tool> pieces",):
+        assert fast(text).input_ids == processor.encode(text), text
+        assert fast.decode(processor.encode(text)) == processor.decode(processor.encode(text)), text
+    with pytest.raises(ValueError, match="has 310 pieces but the model's vocab_size is 128"):
+        convert_tokenizer(src, tmp_path, pad_id=0, vocab_size=128)
+
+
 def test_hub_id_source_is_downloaded_and_recorded(monkeypatch, tmp_path):
     import huggingface_hub
 

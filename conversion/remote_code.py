@@ -87,7 +87,7 @@ def _guard_triton(text: str) -> str:
                + "except ImportError as error:\n    raise ImportError(f\"Triton is not available: {error}\") from error\n")
     first = TRITON_IMPORT.search(text).start()
     text = TRITON_IMPORT.sub("", text)
-    return text[:first] + guarded + text[first:].lstrip("\n")
+    return text[:first] + guarded + "\n" + text[first:].lstrip("\n")
 
 
 def generate_bundle() -> dict[str, str]:

@@ -106,8 +106,12 @@ class TransNormerLLMConfig(PreTrainedConfig):
         _apply_official_aliases(given, kwargs)
         if "no_scale_embedding" in kwargs:
             scale_embedding = not bool(kwargs.pop("no_scale_embedding"))
+        # auto_map/architectures go only when they name the official remote code ("Transnormer..."): an exported
+        # remote-code bundle (conversion/remote_code.py) is dispatched through its own auto_map.
+        keep = () if "TransnormerConfig" in str(kwargs.get("auto_map")) else ("auto_map", "architectures")
         for key in OFFICIAL_IGNORED_KEYS:
-            kwargs.pop(key, None)
+            if key not in keep:
+                kwargs.pop(key, None)
         kwargs.pop("layer_types", None)  # derived below; a saved copy is recomputed, not trusted
 
         self.vocab_size = given["vocab_size"]

@@ -1,0 +1,178 @@
+"""Fused SRMSNorm and gated SRMSNorm (TNL's `u * norm(o)`), forward and backward, in Triton.
+
+The math is `srms_norm_ref` / `gated_srms_norm_ref` in reference.py: y = x * rstd with
+rstd = rsqrt(mean(x^2) + eps) over the last dim (no weight), and, gated, y = gate * x * rstd. Statistics
+and arithmetic are fp32; the output is stored once in the input dtype (the unfused torch path rounds the
+norm's output before the gate multiplies it, so in bf16 the fused op is slightly closer to float64).
+
+One program normalises one row, held whole in registers (rows up to `MAX_ROW_WIDTH` elements). The
+forward saves only the fp32 rstd per row; the backward recomputes x * rstd from x:
+    n = dy (plain) or dy * gate (gated);  dx = rstd * (n - x_hat * mean(n * x_hat));  dgate = dy * x_hat.
+
+The two ops are `torch.library` custom ops with fake implementations and registered autograd, so
+`torch.compile(fullgraph=True)` traces through them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+MAX_ROW_WIDTH = 65536  # one row lives in registers; TNL's widest (7B) is 4096
+
+
+@triton.jit
+def _srms_norm_fwd_kernel(
+    X, GATE, Y, RSTD,
+    stride_x, stride_gate, stride_y,
+    width, eps,
+    HAS_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Y[row] = (GATE[row] *) X[row] * rstd; RSTD[row] = rsqrt(mean(X[row]^2) + eps), all in fp32."""
+    i_row = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < width
+    b_x = tl.load(X + i_row * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=0) / width + eps)
+    b_y = b_x * b_rstd
+    if HAS_GATE:
+        b_y *= tl.load(GATE + i_row * stride_gate + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(Y + i_row * stride_y + o_n, b_y.to(Y.dtype.element_ty), mask=m_n)
+    tl.store(RSTD + i_row, b_rstd)
+
+
+@triton.jit
+def _srms_norm_bwd_kernel(
+    DY, X, GATE, RSTD, DX, DGATE,
+    stride_dy, stride_x, stride_gate, stride_dx, stride_dgate,
+    width,
+    HAS_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """DX = rstd * (n - x_hat * mean(n * x_hat)) with n = DY (* GATE); DGATE = DY * x_hat."""
+    i_row = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < width
+    b_dy = tl.load(DY + i_row * stride_dy + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_x = tl.load(X + i_row * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_rstd = tl.load(RSTD + i_row)
+    b_x_hat = b_x * b_rstd
+    b_n = b_dy
+    if HAS_GATE:
+        b_gate = tl.load(GATE + i_row * stride_gate + o_n, mask=m_n, other=0.0).to(tl.float32)
+        tl.store(DGATE + i_row * stride_dgate + o_n, (b_dy * b_x_hat).to(DGATE.dtype.element_ty), mask=m_n)
+        b_n = b_dy * b_gate
+    b_dx = b_rstd * (b_n - b_x_hat * (tl.sum(b_n * b_x_hat, axis=0) / width))
+    tl.store(DX + i_row * stride_dx + o_n, b_dx.to(DX.dtype.element_ty), mask=m_n)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """(..., width) -> (rows, width) with unit stride along width (a view whenever strides allow)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch_config(width: int) -> dict:
+    block = triton.next_power_of_2(width)
+    return {"BLOCK_N": block, "num_warps": min(16, max(1, block // 256))}
+
+
+def _srms_norm_fwd(x: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """Launcher: (y in x's dtype, rstd fp32 of shape x.shape[:-1])."""
+    width = x.shape[-1]
+    x_rows = _rows(x)
+    gate_rows = _rows(gate) if gate is not None else x_rows
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    y_rows = y.view(-1, width)
+    if x_rows.shape[0] > 0:
+        _srms_norm_fwd_kernel[(x_rows.shape[0],)](
+            x_rows, gate_rows, y_rows, rstd,
+            x_rows.stride(0), gate_rows.stride(0), y_rows.stride(0),
+            width, eps, HAS_GATE=gate is not None, **_launch_config(width),
+        )
+    return y, rstd
+
+
+def _srms_norm_bwd(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> list[Tensor]:
+    """Launcher: [dx] or, gated, [dx, dgate], each in its input's dtype."""
+    width = x.shape[-1]
+    dy_rows, x_rows = _rows(dy), _rows(x)
+    gate_rows = _rows(gate) if gate is not None else x_rows
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if gate is not None else dx
+    dx_rows, dgate_rows = dx.view(-1, width), dgate.view(-1, width)
+    if x_rows.shape[0] > 0:
+        _srms_norm_bwd_kernel[(x_rows.shape[0],)](
+            dy_rows, x_rows, gate_rows, rstd, dx_rows, dgate_rows,
+            dy_rows.stride(0), x_rows.stride(0), gate_rows.stride(0), dx_rows.stride(0), dgate_rows.stride(0),
+            width, HAS_GATE=gate is not None, **_launch_config(width),
+        )
+    return [dx, dgate] if gate is not None else [dx]
+
+
+@torch.library.custom_op("transnormer_hf::srms_norm_fwd", mutates_args=())
+def _srms_norm_fwd_op(x: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    return _srms_norm_fwd(x, gate, eps)
+
+
+@_srms_norm_fwd_op.register_fake
+def _(x: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("transnormer_hf::srms_norm_bwd", mutates_args=())
+def _srms_norm_bwd_op(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> list[Tensor]:
+    return _srms_norm_bwd(dy, x, gate, rstd)
+
+
+@_srms_norm_bwd_op.register_fake
+def _(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> list[Tensor]:
+    grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
+    if gate is not None:
+        grads.append(torch.empty_like(gate, memory_format=torch.contiguous_format))
+    return grads
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, gate, _ = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, gate, rstd)
+
+
+def _backward(ctx, grad_y: Tensor, grad_rstd: Tensor | None):
+    x, gate, rstd = ctx.saved_tensors
+    grads = _srms_norm_bwd_op(grad_y, x, gate, rstd)
+    return grads[0], (grads[1] if gate is not None else None), None
+
+
+_srms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_width(x: Tensor, name: str) -> None:
+    if x.dim() == 0 or not 1 <= x.shape[-1] <= MAX_ROW_WIDTH:
+        raise ValueError(
+            f"{name} must have a last (normalised) dim of 1..{MAX_ROW_WIDTH} elements; got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point; got {x.dtype}")
+
+
+def srms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """SRMSNorm over the last dim; see `srms_norm_ref`. x: (..., width) any float dtype; returns x's dtype."""
+    _check_width(x, "x")
+    return _srms_norm_fwd_op(x, None, float(eps))[0]
+
+
+def gated_srms_norm(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
+    """gate * srms_norm(x) in one pass; see `gated_srms_norm_ref`. x, gate: (..., width), same shape and dtype."""
+    _check_width(x, "x")
+    if gate.shape != x.shape or gate.dtype != x.dtype:
+        raise ValueError(
+            f"gate must have x's shape and dtype {tuple(x.shape)} {x.dtype}; got {tuple(gate.shape)} {gate.dtype}"
+        )
+    return _srms_norm_fwd_op(x, gate, float(eps))[0]

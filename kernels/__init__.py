@@ -45,13 +45,20 @@ _TRITON_MODULES: dict[str, object] = {}
 _TRITON_IMPORT_ERRORS: dict[str, str] = {}
 
 
-def _triton_module(name: str):
-    """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
+@torch.compiler.assume_constant_result
+def _import_triton_module(name: str) -> bool:
+    # torch.compile cannot trace importlib; this runs eagerly at trace time, so dispatch stays in one graph.
     if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
         try:
             _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
         except ImportError as error:  # triton missing (macOS, CPU-only installs)
             _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
+    return name in _TRITON_MODULES
+
+
+def _triton_module(name: str):
+    """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
+    _import_triton_module(name)
     return _TRITON_MODULES.get(name)
 
 

@@ -234,10 +234,11 @@ def main() -> int:
     print("torch.compile(fullgraph=True):", result["fullgraph_compile"], flush=True)
     result["norm_accuracy_bf16_vs_float64"] = check_norm_accuracy()
     print("norm accuracy:", result["norm_accuracy_bf16_vs_float64"], flush=True)
-    result["decode"] = run_decode(args.batches, args.key_dims)
-    result["norm"] = run_norm(args.tokens)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
+    for section, run in (("decode", lambda: run_decode(args.batches, args.key_dims)),
+                         ("norm", lambda: run_norm(args.tokens))):
+        result[section] = run()
+        with open(args.out, "w") as handle:  # after each section, so a run cut short keeps what it measured
+            json.dump(result, handle, indent=1)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import platform
 import subprocess
@@ -33,6 +34,9 @@ from transnormer_hf.kernels import (
     srms_norm,
     srms_norm_ref,
 )
+
+_norm_kernels = importlib.import_module("transnormer_hf.kernels.srms_norm")
+_decode_kernels = importlib.import_module("transnormer_hf.kernels.decode")
 
 HIDDEN = 2048
 HEADS = 16
@@ -203,6 +207,56 @@ def run_decode(batches: list[int], key_dims: list[int]) -> list[dict]:
     return rows
 
 
+class _LauncherFunction(torch.autograd.Function):
+    """The same kernels behind a plain autograd.Function (no custom op): isolates the custom-op dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        y, rstd = _norm_kernels._srms_norm_fwd(x, gate, EPS)
+        ctx.save_for_backward(x, gate, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gate, rstd = ctx.saved_tensors
+        grads = _norm_kernels._srms_norm_bwd(dy, x, gate, rstd)
+        return grads[0], (grads[1] if gate is not None else None)
+
+
+def run_breakdown(token_counts: list[int]) -> list[dict]:
+    """Kernel-only times (launchers called directly) and per-call overhead of each wrapper at a tiny size."""
+    rows = []
+    for tokens in [64, *token_counts]:
+        x, gate, dy = norm_inputs(tokens)
+        for gated in (False, True):
+            g = gate if gated else None
+            _, rstd = _norm_kernels._srms_norm_fwd(x, g, EPS)
+            xg, gg = x.detach().requires_grad_(), gate.detach().requires_grad_()
+            inputs = (xg, gg) if gated else (xg,)
+            op = (lambda a, b: gated_srms_norm(a, b, EPS, backend="triton")) if gated else (
+                lambda a, b: srms_norm(a, EPS, backend="triton"))
+            row = {
+                "op": "gated_srms_norm" if gated else "srms_norm", "tokens": tokens,
+                "kernel_fwd_us": bench(lambda: _norm_kernels._srms_norm_fwd(x, g, EPS)),
+                "kernel_bwd_us": bench(lambda: _norm_kernels._srms_norm_bwd(dy, x, g, rstd)),
+                "custom_op_fwd_bwd_us": bench(lambda: torch.autograd.grad(op(xg, gg), inputs, dy)),
+                "autograd_function_fwd_bwd_us": bench(
+                    lambda: torch.autograd.grad(_LauncherFunction.apply(xg, gg if gated else None), inputs, dy)),
+            }
+            rows.append({key: round(value, 2) if isinstance(value, float) else value for key, value in row.items()})
+            print(rows[-1], flush=True)
+    rates = torch.rand(HEADS, device="cuda")
+    for key_dim in (128, 256):
+        q, k, v, state = decode_inputs(1, key_dim, 1)[0]
+        rows.append({
+            "op": "lightning_attn_step", "batch": 1, "key_dim": key_dim,
+            "launcher_us": round(bench(lambda: _decode_kernels._lightning_attn_step(q, k, v, rates, state, 1.0)), 2),
+            "public_op_us": round(bench(lambda: lightning_attn_step(q, k, v, rates, state, backend="triton")), 2),
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
 def environment() -> dict:
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,memory.total",
@@ -223,6 +277,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--key-dims", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--sections", nargs="+", default=["decode", "norm", "breakdown"],
+                        choices=["decode", "norm", "breakdown"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
@@ -234,9 +290,10 @@ def main() -> int:
     print("torch.compile(fullgraph=True):", result["fullgraph_compile"], flush=True)
     result["norm_accuracy_bf16_vs_float64"] = check_norm_accuracy()
     print("norm accuracy:", result["norm_accuracy_bf16_vs_float64"], flush=True)
-    for section, run in (("decode", lambda: run_decode(args.batches, args.key_dims)),
-                         ("norm", lambda: run_norm(args.tokens))):
-        result[section] = run()
+    sections = {"decode": lambda: run_decode(args.batches, args.key_dims), "norm": lambda: run_norm(args.tokens),
+                "breakdown": lambda: run_breakdown(args.tokens)}
+    for section in args.sections:
+        result[section] = sections[section]()
         with open(args.out, "w") as handle:  # after each section, so a run cut short keeps what it measured
             json.dump(result, handle, indent=1)
     return 0

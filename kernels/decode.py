@@ -92,18 +92,23 @@ def _lightning_attn_step(
     return out, new_state
 
 
-@torch.library.custom_op("transnormer_hf::lightning_attn_step", mutates_args=())
-def _lightning_attn_step_op(
-    q: Tensor, k: Tensor, v: Tensor, decay_rates: Tensor, state: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    return _lightning_attn_step(q, k, v, decay_rates, state, scale)
+# A plain operator (define/impl, cheaper per call than custom_op) with a fake implementation, so
+# torch.compile traces it; decoding needs no autograd.
+torch.library.define(
+    "transnormer_hf::lightning_attn_step",
+    "(Tensor q, Tensor k, Tensor v, Tensor decay_rates, Tensor state, float scale) -> (Tensor, Tensor)",
+)
+torch.library.impl("transnormer_hf::lightning_attn_step", "default", _lightning_attn_step)
 
 
-@_lightning_attn_step_op.register_fake
+@torch.library.register_fake("transnormer_hf::lightning_attn_step")
 def _(q: Tensor, k: Tensor, v: Tensor, decay_rates: Tensor, state: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     batch, _, heads, _ = q.shape
     out = v.new_empty(batch, 1, heads, v.shape[-1])
     return out, torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+_lightning_attn_step_op = torch.ops.transnormer_hf.lightning_attn_step.default
 
 
 def lightning_attn_step(

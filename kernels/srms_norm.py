@@ -9,7 +9,7 @@ One program normalises one row, held whole in registers (rows up to `MAX_ROW_WID
 forward saves only the fp32 rstd per row; the backward recomputes x * rstd from x:
     n = dy (plain) or dy * gate (gated);  dx = rstd * (n - x_hat * mean(n * x_hat));  dgate = dy * x_hat.
 
-The two ops are `torch.library` custom ops with fake implementations and registered autograd, so
+Both ops are `torch.library` operators with fake implementations inside an autograd.Function, so
 `torch.compile(fullgraph=True)` traces through them.
 """
 
@@ -115,22 +115,21 @@ def _srms_norm_bwd(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> 
     return [dx, dgate] if gate is not None else [dx]
 
 
-@torch.library.custom_op("transnormer_hf::srms_norm_fwd", mutates_args=())
-def _srms_norm_fwd_op(x: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-    return _srms_norm_fwd(x, gate, eps)
+# The kernels enter torch as two plain operators (define/impl, cheaper per call than custom_op with
+# register_autograd, pytorch#139500) with fake implementations for torch.compile; autograd lives in
+# SRMSNormFunction around them, which Dynamo traces without a graph break.
+torch.library.define("transnormer_hf::srms_norm_fwd", "(Tensor x, Tensor? gate, float eps) -> (Tensor, Tensor)")
+torch.library.define("transnormer_hf::srms_norm_bwd", "(Tensor dy, Tensor x, Tensor? gate, Tensor rstd) -> Tensor[]")
+torch.library.impl("transnormer_hf::srms_norm_fwd", "default", _srms_norm_fwd)
+torch.library.impl("transnormer_hf::srms_norm_bwd", "default", _srms_norm_bwd)
 
 
-@_srms_norm_fwd_op.register_fake
+@torch.library.register_fake("transnormer_hf::srms_norm_fwd")
 def _(x: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("transnormer_hf::srms_norm_bwd", mutates_args=())
-def _srms_norm_bwd_op(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> list[Tensor]:
-    return _srms_norm_bwd(dy, x, gate, rstd)
-
-
-@_srms_norm_bwd_op.register_fake
+@torch.library.register_fake("transnormer_hf::srms_norm_bwd")
 def _(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> list[Tensor]:
     grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
     if gate is not None:
@@ -138,19 +137,24 @@ def _(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> list[Tensor]:
     return grads
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, gate, _ = inputs
-    _, rstd = output
-    ctx.save_for_backward(x, gate, rstd)
+_srms_norm_fwd_op = torch.ops.transnormer_hf.srms_norm_fwd.default
+_srms_norm_bwd_op = torch.ops.transnormer_hf.srms_norm_bwd.default
 
 
-def _backward(ctx, grad_y: Tensor, grad_rstd: Tensor | None):
-    x, gate, rstd = ctx.saved_tensors
-    grads = _srms_norm_bwd_op(grad_y, x, gate, rstd)
-    return grads[0], (grads[1] if gate is not None else None), None
+class SRMSNormFunction(torch.autograd.Function):
+    """(gate *) srms_norm(x); saves x, gate and the fp32 rstd per row."""
 
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor | None, eps: float) -> Tensor:
+        y, rstd = _srms_norm_fwd_op(x, gate, eps)
+        ctx.save_for_backward(x, gate, rstd)
+        return y
 
-_srms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, gate, rstd = ctx.saved_tensors
+        grads = _srms_norm_bwd_op(dy, x, gate, rstd)
+        return grads[0], (grads[1] if gate is not None else None), None
 
 
 def _check_width(x: Tensor, name: str) -> None:
@@ -165,7 +169,7 @@ def _check_width(x: Tensor, name: str) -> None:
 def srms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """SRMSNorm over the last dim; see `srms_norm_ref`. x: (..., width) any float dtype; returns x's dtype."""
     _check_width(x, "x")
-    return _srms_norm_fwd_op(x, None, float(eps))[0]
+    return SRMSNormFunction.apply(x, None, float(eps))
 
 
 def gated_srms_norm(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
@@ -175,4 +179,4 @@ def gated_srms_norm(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
         raise ValueError(
             f"gate must have x's shape and dtype {tuple(x.shape)} {x.dtype}; got {tuple(gate.shape)} {gate.dtype}"
         )
-    return _srms_norm_fwd_op(x, gate, float(eps))[0]
+    return SRMSNormFunction.apply(x, gate, float(eps))

@@ -158,3 +158,12 @@ def test_decode_bad_input_errors():
         lightning_attn_step(q.expand(2, 3, 2, 16), k, v, rates, torch.zeros(2, 2, 16, 16), backend="triton")
     with pytest.raises(ValueError, match="decay_rates"):
         lightning_attn_step(q, k, v, torch.tensor([0.1]), torch.zeros(2, 2, 16, 16), backend="triton")
+
+
+def test_decode_op_traces_with_fullgraph_compile():
+    q, k, v = _decode_inputs(2, 2, 16, 16)
+    rates, state = torch.tensor([0.1, 0.2]), torch.randn(2, 2, 16, 16)
+    torch._dynamo.reset()
+    step = torch.compile(lambda *a: lightning_attn_step(*a, backend="triton"), fullgraph=True, backend="aot_eager")
+    for got, want in zip(step(q, k, v, rates, state), lightning_attn_step(q, k, v, rates, state, backend="triton")):
+        torch.testing.assert_close(got, want)

@@ -208,7 +208,7 @@ def run_decode(batches: list[int], key_dims: list[int]) -> list[dict]:
 
 
 class _LauncherFunction(torch.autograd.Function):
-    """The same kernels behind a plain autograd.Function (no custom op): isolates the custom-op dispatch cost."""
+    """The same kernels behind a plain autograd.Function (no custom op): isolates the operator dispatch cost."""
 
     @staticmethod
     def forward(ctx, x, gate):
@@ -239,7 +239,7 @@ def run_breakdown(token_counts: list[int]) -> list[dict]:
                 "op": "gated_srms_norm" if gated else "srms_norm", "tokens": tokens,
                 "kernel_fwd_us": bench(lambda: _norm_kernels._srms_norm_fwd(x, g, EPS)),
                 "kernel_bwd_us": bench(lambda: _norm_kernels._srms_norm_bwd(dy, x, g, rstd)),
-                "custom_op_fwd_bwd_us": bench(lambda: torch.autograd.grad(op(xg, gg), inputs, dy)),
+                "public_op_fwd_bwd_us": bench(lambda: torch.autograd.grad(op(xg, gg), inputs, dy)),
                 "autograd_function_fwd_bwd_us": bench(
                     lambda: torch.autograd.grad(_LauncherFunction.apply(xg, gg if gated else None), inputs, dy)),
             }

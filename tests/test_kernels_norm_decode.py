@@ -83,6 +83,8 @@ def test_norm_bad_input_errors():
         gated_srms_norm(x, torch.randn(2, 8, dtype=torch.float64), backend="triton")
     with pytest.raises(ValueError, match="last \\(normalised\\) dim"):
         srms_norm(torch.randn(()), backend="triton")
+    with pytest.raises(ValueError, match="1..16384"):
+        srms_norm(torch.randn(1, 16385), backend="triton")
     with pytest.raises(ValueError, match="floating point"):
         srms_norm(torch.ones(2, 8, dtype=torch.int32), backend="triton")
 

@@ -25,6 +25,12 @@ MAX_ROW_WIDTH = 16384  # one row lives in registers (16 warps, 32 fp32 a thread)
 
 
 @triton.jit
+def _load_row(PTR, i_row, stride, o_n, m_n):
+    """One row upcast to fp32 right after the load (also what the CPU interpreter needs for bf16)."""
+    return tl.load(PTR + i_row * stride + o_n, mask=m_n, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _srms_norm_fwd_kernel(
     X, GATE, Y, RSTD,
     stride_x, stride_gate, stride_y,
@@ -36,11 +42,11 @@ def _srms_norm_fwd_kernel(
     i_row = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < width
-    b_x = tl.load(X + i_row * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_x = _load_row(X, i_row, stride_x, o_n, m_n)
     b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=0) / width + eps)
     b_y = b_x * b_rstd
     if HAS_GATE:
-        b_y *= tl.load(GATE + i_row * stride_gate + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_y *= _load_row(GATE, i_row, stride_gate, o_n, m_n)
     tl.store(Y + i_row * stride_y + o_n, b_y.to(Y.dtype.element_ty), mask=m_n)
     tl.store(RSTD + i_row, b_rstd)
 
@@ -57,13 +63,13 @@ def _srms_norm_bwd_kernel(
     i_row = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < width
-    b_dy = tl.load(DY + i_row * stride_dy + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_x = tl.load(X + i_row * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_dy = _load_row(DY, i_row, stride_dy, o_n, m_n)
+    b_x = _load_row(X, i_row, stride_x, o_n, m_n)
     b_rstd = tl.load(RSTD + i_row)
     b_x_hat = b_x * b_rstd
     b_n = b_dy
     if HAS_GATE:
-        b_gate = tl.load(GATE + i_row * stride_gate + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_gate = _load_row(GATE, i_row, stride_gate, o_n, m_n)
         tl.store(DGATE + i_row * stride_dgate + o_n, (b_dy * b_x_hat).to(DGATE.dtype.element_ty), mask=m_n)
         b_n = b_dy * b_gate
     b_dx = b_rstd * (b_n - b_x_hat * (tl.sum(b_n * b_x_hat, axis=0) / width))

@@ -107,7 +107,11 @@ def lightning_attn(
         (o of shape (B, N, H, d_v) in v's dtype, final state or None).
     """
     validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton_module("lightning_attn").lightning_attn(
+            q, k, v, decay_rates, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        )
     return lightning_attn_chunk_ref(
         q, k, v, decay_rates, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,

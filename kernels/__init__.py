@@ -46,7 +46,11 @@ def _triton_module(name: str):
     """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
     if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
         try:
+            public_op = globals().get(name)
             _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+            # Importing submodule `name` rebinds this package's attribute `name` (the public op) to it.
+            if public_op is not None:
+                globals()[name] = public_op
         except ImportError as error:  # triton missing (macOS, CPU-only installs)
             _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
     return _TRITON_MODULES.get(name)

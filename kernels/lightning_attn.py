@@ -122,12 +122,12 @@ def _lightning_attn_sweep_kernel(
         tl.store(p_so, b_state, mask=m_a[:, None] & m_c[None, :])
 
 
-def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int]:
-    """(BLOCK_A, BLOCK_C, num_warps): the whole a/b width in one tile, the c width split in slices."""
+def _launch_config(dim_a: int, dim_c: int, reverse: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_A, BLOCK_C, num_warps, num_stages): the whole a/b width in one tile, the c width in slices."""
     block_a = max(16, triton.next_power_of_2(dim_a))
     block_c = max(16, min(64 if block_a <= 128 else 32, triton.next_power_of_2(dim_c)))
     num_warps = 4 if block_a <= 64 else 8
-    return block_a, block_c, num_warps
+    return block_a, block_c, num_warps, 2
 
 
 def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num_seqs,
@@ -135,7 +135,7 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num
     """Launch the sweep kernel over (c slices, sequences, heads). States are (seqs, H, d_k, d_v) fp32;
     `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps."""
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
-    block_a, block_c, num_warps = _launch_config(dim_a, dim_c)
+    block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c, reverse)
 
     def state_strides(state):
         if state is None:
@@ -154,7 +154,7 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num
         DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, CHUNK=CHUNK_SIZE,
         REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
         VARLEN=cu_seqlens is not None, UPCAST=_INTERPRET,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 

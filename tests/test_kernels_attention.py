@@ -117,3 +117,5 @@ def test_mixed_dtypes_are_rejected():
 def test_auto_backend_keeps_cpu_tensors_on_the_torch_reference():
     assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert kernels.resolve_backend("triton", torch.device("cpu")) == "triton"
+    # Loading the kernel module (same name as the public op) must leave the op in place.
+    assert kernels.lightning_attn is lightning_attn

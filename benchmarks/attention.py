@@ -249,7 +249,8 @@ def main():
     parser.add_argument("--grids", nargs="*", default=["A", "F"], help="A B C (fixed length) and F (varlen)")
     parser.add_argument("--impls", nargs="*", default=list(IMPLS))
     parser.add_argument("--max-n", type=int, default=1 << 30, help="skip fixed-length shapes with N above this")
-    parser.add_argument("--sdpa-max-n", type=int, default=32768)
+    parser.add_argument("--anchor-max-n", type=int, default=32768,
+                        help="time SDPA and lightning_attn2 (slow, recompiled per N) only up to this N")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--accuracy-impls", nargs="*", default=["ours", "fla_chunk", "fla_fused_chunk", "lightning_attn2"],
                         help="whose accuracy to measure (the anchors' are also in kernel_anchors.md section 4)")
@@ -304,7 +305,7 @@ def main():
             if length > args.max_n:
                 continue
             for name in args.impls:
-                if name == "sdpa_causal" and length > args.sdpa_max_n:
+                if name in ("sdpa_causal", "lightning_attn2") and length > args.anchor_max_n:
                     continue
                 start = time.time()
                 try:

@@ -258,16 +258,30 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
+def _backward(ctx, do, dht, backward_op=lightning_attn_bwd_op):
     q, k, v, decay_rates, initial_state, cu_seqlens = ctx.saved_tensors
     if dht is not None and dht.numel() == 0:  # the final state was not returned
         dht = None
-    dq, dk, dv, dh0 = lightning_attn_bwd_op(q, k, v, decay_rates, ctx.scale, initial_state, cu_seqlens,
-                                            do, dht)
+    dq, dk, dv, dh0 = backward_op(q, k, v, decay_rates, ctx.scale, initial_state, cu_seqlens, do, dht)
     return dq, dk, dv, None, None, (dh0 if initial_state is not None else None), None, None
 
 
 lightning_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LightningAttnFunction(torch.autograd.Function):
+    """The eager path: the same launchers and autograd rule without torch.library's dispatch, which
+    costs about 0.4 ms of host time per forward+backward (measured on CPU with launches stubbed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
+        inputs = (q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens)
+        _setup_context(ctx, inputs, None)
+        return _lightning_attn_fwd(*inputs)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        return _backward(ctx, do, dht, backward_op=_lightning_attn_bwd)
 
 
 def lightning_attn(
@@ -283,6 +297,7 @@ def lightning_attn(
         initial_state = initial_state.to(torch.float32)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    o, final_state = lightning_attn_fwd_op(q, k, v, decay_rates, float(scale), initial_state,
-                                           output_final_state, cu_seqlens)
+    # torch.compile traces the custom op (no graph break); eager code takes the cheaper Function.
+    op = lightning_attn_fwd_op if torch.compiler.is_compiling() else LightningAttnFunction.apply
+    o, final_state = op(q, k, v, decay_rates, float(scale), initial_state, output_final_state, cu_seqlens)
     return o, (final_state if output_final_state else None)

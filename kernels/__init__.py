@@ -50,7 +50,11 @@ def _import_triton_module(name: str) -> bool:
     # torch.compile cannot trace importlib; this runs eagerly at trace time, so dispatch stays in one graph.
     if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
         try:
+            public_op = globals().get(name)
             _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+            # Importing submodule `name` rebinds this package's attribute `name` (the public op) to it.
+            if public_op is not None:
+                globals()[name] = public_op
         except ImportError as error:  # triton missing (macOS, CPU-only installs)
             _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
     return name in _TRITON_MODULES
@@ -117,7 +121,11 @@ def lightning_attn(
         (o of shape (B, N, H, d_v) in v's dtype, final state or None).
     """
     validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton_module("lightning_attn").lightning_attn(
+            q, k, v, decay_rates, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        )
     return lightning_attn_chunk_ref(
         q, k, v, decay_rates, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,

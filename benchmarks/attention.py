@@ -218,7 +218,7 @@ def sweep_launch_configs(shapes, configs):
     """Time ours under other (BLOCK_C, num_warps, num_stages) launch settings, all sweeps alike."""
     import importlib
 
-    module = importlib.import_module("transnormer_hf.kernels.lightning_attn")
+    module = importlib.import_module("transnormer_hf.kernels.triton_lightning_attn")
     default = module._launch_config
     rows = []
     for block_c, num_warps, num_stages in configs:

@@ -35,8 +35,8 @@ from transnormer_hf.kernels import (
     srms_norm_ref,
 )
 
-_norm_kernels = importlib.import_module("transnormer_hf.kernels.srms_norm")
-_decode_kernels = importlib.import_module("transnormer_hf.kernels.decode")
+_norm_kernels = importlib.import_module("transnormer_hf.kernels.triton_srms_norm")
+_decode_kernels = importlib.import_module("transnormer_hf.kernels.triton_decode")
 
 HIDDEN = 2048
 HEADS = 16

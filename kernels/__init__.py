@@ -50,11 +50,7 @@ def _import_triton_module(name: str) -> bool:
     # torch.compile cannot trace importlib; this runs eagerly at trace time, so dispatch stays in one graph.
     if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
         try:
-            public_op = globals().get(name)
             _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
-            # Importing submodule `name` rebinds this package's attribute `name` (the public op) to it.
-            if public_op is not None:
-                globals()[name] = public_op
         except ImportError as error:  # triton missing (macOS, CPU-only installs)
             _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
     return name in _TRITON_MODULES
@@ -66,7 +62,7 @@ def _triton_module(name: str):
     return _TRITON_MODULES.get(name)
 
 
-def triton_unavailable_reason(device: torch.device, module: str = "lightning_attn") -> str | None:
+def triton_unavailable_reason(device: torch.device, module: str = "triton_lightning_attn") -> str | None:
     """Why the Triton kernels of `module` cannot run on `device`, or None when they can."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (interpreting and device.type == "cpu"):
@@ -76,7 +72,7 @@ def triton_unavailable_reason(device: torch.device, module: str = "lightning_att
     return None
 
 
-def resolve_backend(backend: str, device: torch.device, module: str = "lightning_attn") -> str:
+def resolve_backend(backend: str, device: torch.device, module: str = "triton_lightning_attn") -> str:
     """Turn "auto" | "torch" | "triton" (or the environment override) into the backend that will run.
 
     "auto" picks Triton only for CUDA tensors (under TRITON_INTERPRET=1, CPU tensors need "triton" explicitly).
@@ -122,7 +118,7 @@ def lightning_attn(
     """
     validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
     if resolve_backend(backend, q.device) == "triton":
-        return _triton_module("lightning_attn").lightning_attn(
+        return _triton_module("triton_lightning_attn").lightning_attn(
             q, k, v, decay_rates, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
@@ -149,8 +145,8 @@ def lightning_attn_step(
     if q.shape[1] != 1:
         raise ValueError(f"lightning_attn_step takes one token (N == 1); got q of shape {tuple(q.shape)}")
     validate_lightning_attn_args(q, k, v, decay_rates, state, None)
-    if resolve_backend(backend, q.device, "decode") == "triton":
-        return _triton_module("decode").lightning_attn_step(q, k, v, decay_rates, state, scale=scale)
+    if resolve_backend(backend, q.device, "triton_decode") == "triton":
+        return _triton_module("triton_decode").lightning_attn_step(q, k, v, decay_rates, state, scale=scale)
     return lightning_attn_recurrent_ref(
         q, k, v, decay_rates, scale=scale, initial_state=state, output_final_state=True
     )
@@ -158,8 +154,8 @@ def lightning_attn_step(
 
 def srms_norm(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """Simple RMSNorm (no weight) over the last dim, statistics in fp32, output in x's dtype."""
-    if resolve_backend(backend, x.device, "srms_norm") == "triton":
-        return _triton_module("srms_norm").srms_norm(x, eps)
+    if resolve_backend(backend, x.device, "triton_srms_norm") == "triton":
+        return _triton_module("triton_srms_norm").srms_norm(x, eps)
     return srms_norm_ref(x, eps)
 
 
@@ -170,6 +166,6 @@ def gated_srms_norm(x: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6, *, b
     """
     if gate.shape != x.shape:
         raise ValueError(f"gate must have x's shape {tuple(x.shape)}; got {tuple(gate.shape)}")
-    if resolve_backend(backend, x.device, "srms_norm") == "triton":
-        return _triton_module("srms_norm").gated_srms_norm(x, gate, eps)
+    if resolve_backend(backend, x.device, "triton_srms_norm") == "triton":
+        return _triton_module("triton_srms_norm").gated_srms_norm(x, gate, eps)
     return gated_srms_norm_ref(x, gate, eps)

@@ -155,6 +155,7 @@ def apply_lora(model: Any, args: argparse.Namespace) -> Any:
 
 
 def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
+    import torch
     from transformers import TrainingArguments
 
     accepted = inspect.signature(TrainingArguments).parameters
@@ -187,6 +188,8 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
         disable_tqdm=args.no_progress,
         remove_unused_columns=False,  # the collator builds exactly the model's inputs
         include_num_input_tokens_seen=True,
+        # Without an accelerator, say so: accelerate then runs torchrun/accelerate-launch ranks as gloo DDP.
+        use_cpu=not torch.accelerator.is_available(),
         **{checkpointing: args.gradient_checkpointing},
     )
 

@@ -67,24 +67,17 @@ def _run_torchrun(tmp_path: Path, *worker_args: str) -> subprocess.CompletedProc
     return result
 
 
-def _assert_same_step(tmp_path: Path, mode: str) -> None:
-    out = tmp_path / f"{mode}.pt"
-    _run_torchrun(tmp_path, __file__, "--mode", mode, "--out", str(out))
-    distributed = torch.load(out)
+def test_ddp_and_fsdp2_match_single_process(tmp_path):
+    out = tmp_path / "steps.pt"
+    _run_torchrun(tmp_path, __file__, "--mode", "ddp", "fsdp2", "--out", str(out))
+    results = torch.load(out)
     loss, state = single_process_step()
-    assert abs(distributed["loss"] - loss) <= 1e-5 * abs(loss), (distributed["loss"], loss)
-    for name, value in state.items():
-        torch.testing.assert_close(distributed["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     initial = _tiny_model().state_dict()
     assert any(not torch.equal(initial[name], value) for name, value in state.items()), "the step changed nothing"
-
-
-def test_ddp_matches_single_process(tmp_path):
-    _assert_same_step(tmp_path, "ddp")
-
-
-def test_fsdp2_matches_single_process(tmp_path):
-    _assert_same_step(tmp_path, "fsdp2")
+    for mode in ("ddp", "fsdp2"):
+        assert abs(results[mode]["loss"] - loss) <= 1e-5 * abs(loss), (mode, results[mode]["loss"], loss)
+        for name, value in state.items():
+            torch.testing.assert_close(results[mode]["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")
 
 
 def test_tensor_parallel_plan_matches_single_process(tmp_path):
@@ -123,43 +116,51 @@ def test_train_cli_under_torchrun_matches_one_process(tmp_path):
 
 # ---- the worker, run by torchrun ----------------------------------------------------------------------------------
 
-def _worker(mode: str, out: str, model_dir: str | None) -> None:
+def _data_parallel_step(mode: str, rank: int, world: int, batch: dict[str, torch.Tensor]) -> dict:
+    import torch.distributed as dist
+
+    local = {key: value[rank * 2 : rank * 2 + 2] for key, value in batch.items()}  # rows split across ranks
+    model = _tiny_model().train()
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    # Both average gradients over ranks; the loss is a sum over the global label count, so scale it back.
+    total = torch.tensor(sgd_step(wrapped, local, _num_items(batch["labels"]), float(world)))
+    dist.all_reduce(total)
+    state = {name: value.full_tensor() if hasattr(value, "full_tensor") else value
+             for name, value in model.state_dict().items()}
+    return {"loss": total.item(), "state": {name: value.detach().clone() for name, value in state.items()}}
+
+
+def _tensor_parallel_forward(model_dir: str, batch: dict[str, torch.Tensor]) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from transnormer_hf import TransNormerLLMForCausalLM
+
+    model = TransNormerLLMForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
+    with torch.no_grad():
+        output = model(**batch)
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return {"logits": output.logits, "loss": output.loss.item(), "sharded": sharded}
+
+
+def _worker(modes: list[str], out: str, model_dir: str | None) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = _global_batch()
-    local = {key: value[rank * 2 : rank * 2 + 2] for key, value in batch.items()}  # rows split across ranks
-    if mode == "tp":
-        from transnormer_hf import TransNormerLLMForCausalLM
-
-        model = TransNormerLLMForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
-        from torch.distributed.tensor import DTensor
-
-        sharded = any(isinstance(p, DTensor) for p in model.parameters())
-        with torch.no_grad():
-            output = model(**batch)
-        result = {"logits": output.logits, "loss": output.loss.item(), "sharded": sharded}
+    if modes == ["tp"]:
+        result = _tensor_parallel_forward(model_dir, batch)
     else:
-        model = _tiny_model().train()
-        if mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            wrapped = DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        # Both average gradients over ranks; the loss is a sum over the global label count, so scale it back.
-        local_loss = sgd_step(wrapped, local, _num_items(batch["labels"]), float(world))
-        total = torch.tensor(local_loss)
-        dist.all_reduce(total)
-        state = {}
-        for name, value in model.state_dict().items():
-            state[name] = value.full_tensor() if hasattr(value, "full_tensor") else value
-        result = {"loss": total.item(), "state": {name: value.detach().clone() for name, value in state.items()}}
+        result = {mode: _data_parallel_step(mode, rank, world, batch) for mode in modes}
     if rank == 0:
         torch.save(result, out)
     dist.barrier()
@@ -168,7 +169,7 @@ def _worker(mode: str, out: str, model_dir: str | None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("ddp", "fsdp2", "tp"), required=True)
+    parser.add_argument("--mode", nargs="+", choices=("ddp", "fsdp2", "tp"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-dir", default=None)
     arguments = parser.parse_args()

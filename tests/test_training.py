@@ -66,13 +66,35 @@ def test_trainer_loss_drops_and_writes_model_and_plot(trained, capsys):
     assert reloaded.config.vocab_size == 259  # the byte tokenizer's vocabulary
 
 
-def test_cli_prints_summary(tmp_path, capsys):
+@pytest.mark.parametrize("packing", ["--packing", "--no-packing"])
+def test_cli_prints_summary(tmp_path, capsys, packing):
     data = _write_corpus(tmp_path / "corpus.txt", documents=6)
-    assert main(_train_args(data, tmp_path / "out", "--max-steps", "1", "--save-steps", "100")) == 0
+    assert main(_train_args(data, tmp_path / "out", "--max-steps", "1", "--save-steps", "100", packing)) == 0
     printed = capsys.readouterr().out
+    rows = "packed rows" if packing == "--packing" else "documents"
     assert re.search(r"model tiny: [\d.]+M parameters, [\d.]+M trainable", printed), printed
-    assert re.search(r"data .*: [\d,]+ tokens in \d+ packed rows of at most 128 tokens", printed), printed
+    assert re.search(rf"data .*: [\d,]+ tokens in \d+ {rows} of at most 128 tokens", printed), printed
     assert re.search(r"done: 1 steps, train loss [\d.]+, [\d,]+ tokens/s", printed), printed
+
+
+def test_cli_with_a_transformers_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    data = _write_corpus(tmp_path / "corpus.txt", documents=8)
+    words = sorted(set(data.read_text().split()))
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
+    out = tmp_path / "out"
+    assert main(_train_args(data, out, "--max-steps", "1", "--save-steps", "100",
+                            "--tokenizer", str(tmp_path / "tokenizer"))) == 0
+    model = TransNormerLLMForCausalLM.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(vocab) and model.config.eos_token_id == 2
+    assert AutoTokenizer.from_pretrained(out / "final").encode("the cat", add_special_tokens=False) == [
+        vocab["the"], vocab["cat"]]
 
 
 def test_resume_continues_identically(trained, tmp_path):

@@ -245,8 +245,13 @@ def test_lora_all_linear_excludes_lm_head():
 def test_lora_via_cli_saves_adapters(tmp_path):
     data = _write_corpus(tmp_path / "corpus.txt", documents=8)
     out = tmp_path / "lora"
-    assert main(_train_args(data, out, "--max-steps", "2", "--save-steps", "100", "--lora", "--lora-r", "4")) == 0
-    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert main(_train_args(data, out, "--max-steps", "2", "--save-steps", "100", "--lora", "--lora-r", "4",
+                            "--gradient-checkpointing")) == 0
+    from safetensors.torch import load_file
+
+    adapters = load_file(out / "final" / "adapter_model.safetensors")
+    lora_b = [value for name, value in adapters.items() if "lora_B" in name]
+    assert len(lora_b) == 5 * 2 and all(value.abs().sum() > 0 for value in lora_b)  # B starts at 0: it trained
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
 
 

@@ -175,14 +175,25 @@ def test_gradient_accumulation_equals_large_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], large[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _enable_checkpointing(model):
+    # transformers 5.23 renamed gradient_checkpointing_enable (kept as a deprecated alias) to activation_*.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = TransNormerLLMForCausalLM(tiny_config()).train()
     ids = torch.tensor(_documents((2 * 11,))).view(2, 11)
+    calls = []
+    model.model.layers[0].token_mixer.register_forward_hook(lambda *_: calls.append(1))
     model(input_ids=ids, labels=ids).loss.backward()
     plain = _grads(model)
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _enable_checkpointing(model)
     model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 1 + 2  # checkpointed: the layer's forward runs again during backward
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -197,7 +208,7 @@ def test_lora_default_targets_train_only_adapters_merge_and_reload(tmp_path):
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))  # no target_modules
     adapted = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"qkvu_proj", "out_proj", "l1", "l2", "l3"}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _enable_checkpointing(model)
     model.enable_input_require_grads()
     trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)

@@ -182,6 +182,7 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
         save_total_limit=args.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every if has_eval else None,
+        prediction_loss_only=True,  # evaluation reports the loss; keeping (rows, length, vocab) logits costs GBs
         seed=args.seed,
         data_seed=args.seed,
         report_to=args.report_to,

@@ -359,6 +359,9 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
     """TNL with a tied language-model head; `generate()` keeps one fixed-size state per layer."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Under tp_plan="auto" transformers shards the (tied) embedding by vocabulary; the head then computes its
+    # vocabulary slice of the logits and gathers them (as Llama does).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: TransNormerLLMConfig) -> None:
         super().__init__(config)

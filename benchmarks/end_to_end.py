@@ -4,9 +4,9 @@
     python benchmarks/end_to_end.py decode --shape 1B --contexts 1024 65536 --batches 1 8 64 --out decode.json
 
 Training: bf16 weights, AdamW (fused), a fixed number of tokens per step split into batch = tokens/context
-rows, random ids; reports tokens/s (median of the timed steps) and peak memory. Decoding: prefill `context`
-tokens (only the last position's logits), then time single-token forwards on the cache; reports ms per
-token, tokens/s for the batch and the cache's bytes. Out-of-memory is recorded as such, not raised.
+rows, random ids; reports tokens/s (median of the timed steps) and peak memory. Decoding: a cache as it stands
+after `context` tokens (random entries: TNL's states, Llama's keys and values), then timed single-token
+forwards on it; reports ms per token, tokens/s for the batch and the cache's bytes. Out-of-memory is recorded as such, not raised.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+from transnormer_hf import TransNormerLLMCache, TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.modeling_transnormer import CACHE_FIELD
 
 
@@ -89,6 +89,25 @@ def train_rows(args) -> list[dict]:
     return rows
 
 
+def filled_cache(model: torch.nn.Module, batch: int, context: int):
+    """A cache as it stands after `context` tokens, filled with random entries (no prefill needed):
+    TNL's fixed-size states, or Llama's keys and values of length `context`."""
+    config = model.config
+    if isinstance(model, TransNormerLLMForCausalLM):
+        cache = TransNormerLLMCache(config)
+        for layer, flag in zip(cache.layers, config.lrpe_layers):
+            key_dim = config.head_dim * (2 if flag else 1)
+            layer.state = torch.randn(batch, config.num_attention_heads, key_dim, config.head_dim, device="cuda") * 0.01
+        cache.seen_tokens = context
+        return cache
+    cache = DynamicCache(config=config)
+    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    for layer_idx in range(config.num_hidden_layers):
+        keys = torch.randn(batch, heads, context, head_dim, device="cuda", dtype=torch.bfloat16)
+        cache.update(keys, torch.randn_like(keys), layer_idx)
+    return cache
+
+
 @torch.no_grad()
 def decode_rows(args) -> list[dict]:
     rows = []
@@ -98,11 +117,8 @@ def decode_rows(args) -> list[dict]:
             for context in args.contexts:
 
                 def measure() -> dict:
-                    ids = torch.randint(3, args.vocab_size, (batch, context), device="cuda")
-                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                    cache = getattr(out, CACHE_FIELD, None) or out.past_key_values
-                    token = out.logits[:, -1:].argmax(-1)
-                    del ids, out
+                    cache = filled_cache(model, batch, context)
+                    token = torch.randint(3, args.vocab_size, (batch, 1), device="cuda")
                     times = []
                     for step in range(args.warmup + args.steps):
                         start = _synchronized()

@@ -19,7 +19,9 @@ class CLIError(Exception):
 
 def _command_modules() -> list:
     # Imported here so `transnormer-hf --help` stays quick and the package import has no CLI cost.
-    return []
+    from . import generation_cli, quickstart
+
+    return [quickstart, generation_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

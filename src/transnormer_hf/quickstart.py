@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="tnl-quickstart", metavar="DIR",
                         help="output folder for model, tokenizer, plots and summary (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=300, metavar="N",
+    parser.add_argument("--steps", type=int, default=200, metavar="N",
                         help="optimizer steps of %d sequences x %d tokens (default: %%(default)s)"
                         % (QuickstartSetup.batch_size, QuickstartSetup.sequence_length))
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
@@ -223,6 +223,11 @@ def _progress_callback_class():
             super().__init__()
             self.losses: list[tuple[int, float]] = []
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description("training")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append((state.global_step, float(logs["loss"])))
@@ -237,14 +242,17 @@ def _progress_callback_class():
     return LossProgress
 
 
-def train(model, blocks, setup: QuickstartSetup, steps: int, device: str, seed: int, work_dir: Path):
+def train(model, blocks, setup: QuickstartSetup, steps: int, device: str, seed: int):
     """Train with `Trainer`; returns (logged (step, loss) pairs, seconds, interrupted by Ctrl-C)."""
+    import tempfile
+
     import torch
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
+    work_dir = tempfile.TemporaryDirectory(prefix="tnl-quickstart-")  # Trainer wants one; nothing is kept there
     arguments = TrainingArguments(
-        output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=setup.batch_size,
+        output_dir=work_dir.name, max_steps=steps, per_device_train_batch_size=setup.batch_size,
         learning_rate=setup.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, min(30, steps // 10)),
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
         seed=seed, data_seed=seed, use_cpu=device == "cpu", bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
@@ -262,6 +270,7 @@ def train(model, blocks, setup: QuickstartSetup, steps: int, device: str, seed: 
         interrupted = True
         progress.close()
     seconds = time.perf_counter() - start
+    work_dir.cleanup()
     model.eval()
     return progress.losses, seconds, interrupted
 
@@ -508,7 +517,7 @@ def run_quickstart(out_dir: Path, steps: int, device: str, seed: int, contexts=D
           f"attention backend {'triton' if device == 'cuda' else 'torch'}")
 
     initial_loss = heldout_loss(model, heldout, device)
-    losses, train_seconds, interrupted = train(model, blocks, setup, steps, device, seed, out_dir / "trainer")
+    losses, train_seconds, interrupted = train(model, blocks, setup, steps, device, seed)
     trained_steps = losses[-1][0] if losses else 0
     final_loss = heldout_loss(model, heldout, device)
     train_tokens = trained_steps * setup.batch_size * setup.sequence_length

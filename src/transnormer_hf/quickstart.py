@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="tnl-quickstart", metavar="DIR",
                         help="output folder for model, tokenizer, plots and summary (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=200, metavar="N",
+    parser.add_argument("--steps", type=int, default=150, metavar="N",
                         help="optimizer steps of %d sequences x %d tokens (default: %%(default)s)"
                         % (QuickstartSetup.batch_size, QuickstartSetup.sequence_length))
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
@@ -482,6 +482,7 @@ def run_quickstart(out_dir: Path, steps: int, device: str, seed: int, contexts=D
     from transformers import GenerationConfig, set_seed
 
     from . import TransNormerLLMConfig, TransNormerLLMForCausalLM
+    from transnormer_hf.kernels import resolve_backend
 
     silence_known_warnings()
     wall_start = time.perf_counter()
@@ -514,7 +515,7 @@ def run_quickstart(out_dir: Path, steps: int, device: str, seed: int, contexts=D
     parameters = model.num_parameters()
     print(f"model: TransNormerLLM, {parameters / 1e6:.2f} M parameters ({config.num_hidden_layers} layers, "
           f"hidden {config.hidden_size}, {config.num_attention_heads} heads), {device}, "
-          f"attention backend {'triton' if device == 'cuda' else 'torch'}")
+          f"attention backend {resolve_backend(config.attention_backend, torch.device(device))}")
 
     initial_loss = heldout_loss(model, heldout, device)
     losses, train_seconds, interrupted = train(model, blocks, setup, steps, device, seed)

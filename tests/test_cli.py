@@ -20,17 +20,29 @@ TINY = QuickstartSetup(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_
                        sample_new_tokens=4, decode_steps=1)
 
 
+def _tiny_model_and_tokenizer():
+    """A random tiny TNL and a byte-level BPE tokenizer trained on one sentence."""
+    from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+
+    tokenizer = train_tokenizer(["Return the value of the attribute, or None when it is missing."] * 50, 300)
+    config = TransNormerLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    return TransNormerLLMForCausalLM(config).eval(), tokenizer
+
+
 @pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory):
-    """The real CLI with the default model, 10 steps and two short contexts; returns (exit code, folder)."""
-    out = tmp_path_factory.mktemp("quickstart")
-    code = main(["quickstart", "--out", str(out), "--steps", "10", "--contexts", "32,64", "--seed", "1"])
-    return code, out
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model saved as `quickstart` saves its model."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    save_and_reload(*_tiny_model_and_tokenizer(), out, "cpu")
+    return out
 
 
-def test_quickstart_trains_saves_reloads_and_plots(quickstart_dir, capsys):
-    code, out = quickstart_dir
-    assert code == 0
+def test_quickstart_trains_saves_reloads_and_plots(tmp_path):
+    """The real CLI with the default model, 10 steps and two short contexts."""
+    out = tmp_path / "quickstart"
+    assert main(["quickstart", "--out", str(out), "--steps", "10", "--contexts", "32,64", "--seed", "1"]) == 0
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "loss_curve.png", "decode_scaling.png", "quickstart.json"):
         assert (out / name).is_file(), name
@@ -51,12 +63,7 @@ def test_quickstart_trains_saves_reloads_and_plots(quickstart_dir, capsys):
 
 
 def test_save_and_reload_checks_logits(tmp_path):
-    from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
-
-    tokenizer = train_tokenizer(["Return the value of the attribute, or None when it is missing."] * 50, 300)
-    config = TransNormerLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64)
-    model = TransNormerLLMForCausalLM(config).eval()
+    model, tokenizer = _tiny_model_and_tokenizer()
     reloaded, _ = save_and_reload(model, tokenizer, tmp_path / "good", "cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(model(ids).logits, reloaded(ids).logits)
@@ -106,8 +113,8 @@ def test_ctrl_c_during_training_saves_a_usable_model(tmp_path, monkeypatch):
     assert output.shape[1] == tokenizer("Return the", return_tensors="pt")["input_ids"].shape[1] + 3
 
 
-def test_generate_greedy_stream_and_beams(quickstart_dir, capsys):
-    _, out = quickstart_dir
+def test_generate_greedy_stream_and_beams(tiny_model_dir, capsys):
+    out = tiny_model_dir
     greedy = ["generate", str(out), "Return the", "--max-new-tokens", "6", "--temperature", "0"]
     assert main(greedy) == 0
     plain = capsys.readouterr().out.splitlines()

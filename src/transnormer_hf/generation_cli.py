@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -173,8 +174,12 @@ def _run_from_args(args: argparse.Namespace) -> int:
         options["streamer"] = _progress_streamer(args.max_new_tokens)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        output = model.generate(**inputs, **options)
+    try:
+        with torch.no_grad():
+            output = model.generate(**inputs, **options)
+    except KeyboardInterrupt:
+        print("\ntransnormer-hf generate: interrupted", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     if not args.stream:

@@ -95,7 +95,11 @@ def _run_from_args(args: argparse.Namespace) -> int:
     if not contexts or min(contexts) < 1:
         raise CLIError(f"--contexts must be comma-separated positive integers; got {args.contexts!r}")
     device = resolve_device(args.device)
-    summary = run_quickstart(Path(args.out), steps=args.steps, device=device, seed=args.seed, contexts=contexts)
+    try:
+        summary = run_quickstart(Path(args.out), steps=args.steps, device=device, seed=args.seed, contexts=contexts)
+    except KeyboardInterrupt:  # outside training (which handles Ctrl-C itself): stop quietly
+        print("transnormer-hf quickstart: interrupted", file=sys.stderr)
+        return 130
     return 130 if summary["interrupted"] else 0
 
 

@@ -19,10 +19,10 @@ class CLIError(Exception):
 
 def _command_modules() -> list:
     # Imported here so `transnormer-hf --help` stays quick and the package import has no CLI cost.
-    from . import training
+    from . import generation_cli, quickstart, training
     from .conversion import cli as conversion_cli
 
-    return [training, conversion_cli]
+    return [quickstart, generation_cli, training, conversion_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

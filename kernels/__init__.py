@@ -14,6 +14,7 @@ import os
 import torch
 
 from .reference import (
+    gated_srms_norm_ref,
     lightning_attn_chunk_ref,
     lightning_attn_parallel_ref,
     lightning_attn_recurrent_ref,
@@ -23,6 +24,7 @@ from .reference import (
 
 __all__ = [
     "BACKENDS",
+    "gated_srms_norm",
     "lightning_attn",
     "lightning_attn_step",
     "srms_norm",
@@ -32,6 +34,7 @@ __all__ = [
     "lightning_attn_parallel_ref",
     "lightning_attn_recurrent_ref",
     "srms_norm_ref",
+    "gated_srms_norm_ref",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -42,17 +45,24 @@ _TRITON_MODULES: dict[str, object] = {}
 _TRITON_IMPORT_ERRORS: dict[str, str] = {}
 
 
-def _triton_module(name: str):
-    """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
+@torch.compiler.assume_constant_result
+def _import_triton_module(name: str) -> bool:
+    # torch.compile cannot trace importlib; this runs eagerly at trace time, so dispatch stays in one graph.
     if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
         try:
             _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
         except ImportError as error:  # triton missing (macOS, CPU-only installs)
             _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
+    return name in _TRITON_MODULES
+
+
+def _triton_module(name: str):
+    """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
+    _import_triton_module(name)
     return _TRITON_MODULES.get(name)
 
 
-def triton_unavailable_reason(device: torch.device, module: str = "lightning_attn") -> str | None:
+def triton_unavailable_reason(device: torch.device, module: str = "triton_lightning_attn") -> str | None:
     """Why the Triton kernels of `module` cannot run on `device`, or None when they can."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (interpreting and device.type == "cpu"):
@@ -62,7 +72,7 @@ def triton_unavailable_reason(device: torch.device, module: str = "lightning_att
     return None
 
 
-def resolve_backend(backend: str, device: torch.device, module: str = "lightning_attn") -> str:
+def resolve_backend(backend: str, device: torch.device, module: str = "triton_lightning_attn") -> str:
     """Turn "auto" | "torch" | "triton" (or the environment override) into the backend that will run.
 
     "auto" picks Triton only for CUDA tensors (under TRITON_INTERPRET=1, CPU tensors need "triton" explicitly).
@@ -107,7 +117,11 @@ def lightning_attn(
         (o of shape (B, N, H, d_v) in v's dtype, final state or None).
     """
     validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton_module("triton_lightning_attn").lightning_attn(
+            q, k, v, decay_rates, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        )
     return lightning_attn_chunk_ref(
         q, k, v, decay_rates, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
@@ -131,14 +145,27 @@ def lightning_attn_step(
     if q.shape[1] != 1:
         raise ValueError(f"lightning_attn_step takes one token (N == 1); got q of shape {tuple(q.shape)}")
     validate_lightning_attn_args(q, k, v, decay_rates, state, None)
-    resolve_backend(backend, q.device)
-    out, new_state = lightning_attn_recurrent_ref(
+    if resolve_backend(backend, q.device, "triton_decode") == "triton":
+        return _triton_module("triton_decode").lightning_attn_step(q, k, v, decay_rates, state, scale=scale)
+    return lightning_attn_recurrent_ref(
         q, k, v, decay_rates, scale=scale, initial_state=state, output_final_state=True
     )
-    return out, new_state
 
 
 def srms_norm(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """Simple RMSNorm (no weight) over the last dim, statistics in fp32, output in x's dtype."""
-    resolve_backend(backend, x.device)
+    if resolve_backend(backend, x.device, "triton_srms_norm") == "triton":
+        return _triton_module("triton_srms_norm").srms_norm(x, eps)
     return srms_norm_ref(x, eps)
+
+
+def gated_srms_norm(x: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """gate * srms_norm(x): TNL's attention output `u * norm(o)` (no sigmoid on the gate), fused on Triton.
+
+    x, gate: (..., width) of the same shape and dtype; returns that dtype.
+    """
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}; got {tuple(gate.shape)}")
+    if resolve_backend(backend, x.device, "triton_srms_norm") == "triton":
+        return _triton_module("triton_srms_norm").gated_srms_norm(x, gate, eps)
+    return gated_srms_norm_ref(x, gate, eps)

@@ -226,3 +226,8 @@ def srms_norm_ref(x: Tensor, eps: float = 1e-6) -> Tensor:
     dtype = _state_dtype(x)
     xf = x.to(dtype)
     return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gated_srms_norm_ref(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
+    """TNL's attention output before out_proj: gate * srms_norm(x), the norm rounded to x's dtype first."""
+    return gate * srms_norm_ref(x, eps)

@@ -48,4 +48,19 @@ def _register_auto_classes() -> bool:
     return True
 
 
+# LoRA's default targets for our model_type, so `LoraConfig(task_type="CAUSAL_LM")` needs no target_modules.
+# The fused qkvu_proj adapts q, k, v and the gate u together.
+LORA_TARGET_MODULES = ["qkvu_proj", "out_proj", "l1", "l2", "l3"]
+
+
+def _register_peft_target_modules() -> None:
+    """Add our model_type to peft's default LoRA target table (a plain dict peft reads by reference)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as lora_targets
+    except ImportError:  # peft is optional at runtime; the table is not a public API either
+        return
+    lora_targets.setdefault(TransNormerLLMConfig.model_type, LORA_TARGET_MODULES)
+
+
 _register_auto_classes()
+_register_peft_target_modules()

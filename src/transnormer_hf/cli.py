@@ -19,9 +19,10 @@ class CLIError(Exception):
 
 def _command_modules() -> list:
     # Imported here so `transnormer-hf --help` stays quick and the package import has no CLI cost.
-    from . import generation_cli, quickstart
+    from . import generation_cli, quickstart, training
+    from .conversion import cli as conversion_cli
 
-    return [quickstart, generation_cli]
+    return [quickstart, generation_cli, training, conversion_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

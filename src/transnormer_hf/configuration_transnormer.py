@@ -66,9 +66,13 @@ class TransNormerLLMConfig(PreTrainedConfig):
     model_type = "transnormer_llm"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {official: ours for official, ours in OFFICIAL_ALIASES.items()}
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`) shards the SGLU channel mixer only: l1 and l2
+    # column-wise (l1(x) * l2(x) is elementwise, so matching shards multiply locally) and l3 row-wise (one
+    # all-reduce). The token mixer stays replicated: the fused qkvu_proj is chunked into q|k|v|u, which a plain
+    # column split would cut across the four, and SRMSNorm normalises over all heads jointly, so a head-sharded
+    # mixer would need a custom norm with its own all-reduce. Splitting qkvu_proj into four linears would
+    # break loading released checkpoints by their official names.
     base_model_tp_plan = {
-        "layers.*.token_mixer.qkvu_proj": "colwise",
-        "layers.*.token_mixer.out_proj": "rowwise",
         "layers.*.channel_mixer.l1": "colwise",
         "layers.*.channel_mixer.l2": "colwise",
         "layers.*.channel_mixer.l3": "rowwise",
@@ -106,8 +110,12 @@ class TransNormerLLMConfig(PreTrainedConfig):
         _apply_official_aliases(given, kwargs)
         if "no_scale_embedding" in kwargs:
             scale_embedding = not bool(kwargs.pop("no_scale_embedding"))
+        # auto_map/architectures go only when they name the official remote code ("Transnormer..."): an exported
+        # remote-code bundle (conversion/remote_code.py) is dispatched through its own auto_map.
+        keep = () if "TransnormerConfig" in str(kwargs.get("auto_map")) else ("auto_map", "architectures")
         for key in OFFICIAL_IGNORED_KEYS:
-            kwargs.pop(key, None)
+            if key not in keep:
+                kwargs.pop(key, None)
         kwargs.pop("layer_types", None)  # derived below; a saved copy is recomputed, not trusted
 
         self.vocab_size = given["vocab_size"]

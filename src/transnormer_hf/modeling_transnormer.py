@@ -20,7 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from transnormer_hf.kernels import lightning_attn, lightning_attn_step, srms_norm
+from transnormer_hf.kernels import gated_srms_norm, lightning_attn, lightning_attn_step, srms_norm
 
 from .cache_transnormer import TransNormerLLMCache
 from .configuration_transnormer import TransNormerLLMConfig
@@ -182,8 +182,12 @@ class TransNormerLLMAttention(nn.Module):
                 q, k, v, rates, initial_state=state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, backend=self.backend,
             )
-        out = self.norm(out.reshape(batch, length, -1))  # (B, N, H * D)
-        return self.out_proj(u * out), new_state
+        out = out.reshape(batch, length, -1)  # (B, N, H * D)
+        if isinstance(self.norm, TransNormerLLMSRMSNorm):  # u * norm(out) in one fused pass on Triton
+            gated = gated_srms_norm(out, u, self.norm.eps, backend=self.norm.backend)
+        else:
+            gated = u * self.norm(out)
+        return self.out_proj(gated), new_state
 
 
 class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):
@@ -355,6 +359,9 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
     """TNL with a tied language-model head; `generate()` keeps one fixed-size state per layer."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Under tp_plan="auto" transformers shards the (tied) embedding by vocabulary; the head then computes its
+    # vocabulary slice of the logits and gathers them (as Llama does).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: TransNormerLLMConfig) -> None:
         super().__init__(config)

@@ -1,0 +1,303 @@
+"""Triton Lightning Attention: forward and backward, initial/final states, varlen, as a torch custom op.
+
+The math (and the readable twin) is `reference.lightning_attn_chunk_ref`. One head, decay
+lambda = exp(-rate), chunks of C tokens, positions r, s = 0..m-1 inside a chunk of m tokens:
+
+    forward   o_r  = scale * (sum_{s<=r} lambda^(r-s) (q_r . k_s) v_s + lambda^(r+1) q_r S)
+              S   <- lambda^m S + sum_s lambda^(m-1-s) k_s^T v_s
+    backward  dq_r = scale * (sum_{s<=r} lambda^(r-s) (do_r . v_s) k_s + lambda^(r+1) do_r S^T)
+              dv_r = scale * sum_{s>=r} lambda^(s-r) (k_r . q_s) do_s + lambda^(m-1-r) k_r G
+              dk_r = scale * sum_{s>=r} lambda^(s-r) (v_r . do_s) q_s + lambda^(m-1-r) v_r G^T
+              G   <- lambda^m G + scale * sum_s lambda^(s+1) q_s^T do_s      (chunks from last to first)
+
+where G is the gradient of the state after the chunk (it starts as the final state's gradient and
+ends as the initial state's). All four outputs have one shape, "a sweep over the chunks carrying a
+state": out_r = sum_s decay * (a_r . b_s) c_s + decay * a_r X, X <- decay * X + sum_s decay * b_s^T c_s,
+with (a, b, c, X) = (q, k, v, S) for o, (do, v, k, S^T) for dq, (k, q, do, G) for dv and
+(v, do, q, G^T) for dk; dq and o sweep forward, dk and dv backward. So one kernel,
+`_lightning_attn_sweep_kernel`, computes all four; a transposed state is only a swap of strides.
+
+Each program owns one (value slice, sequence, head) and walks that sequence's chunks in order,
+keeping its slice of the state in fp32 registers: no per-chunk states are written to memory, the
+backward recomputes them, and the extra memory is only the outputs. Every decay factor is
+exp(-rate * distance) with distance >= 0, so no rate can overflow it.
+
+Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
+dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3
+on an H100); set TRITON_F32_DEFAULT=ieee before the first launch for exact fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CHUNK_SIZE = 64
+
+
+@triton.jit
+def _lightning_attn_sweep_kernel(
+    a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, cu_seqlens_ptr,
+    seq_len,
+    stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
+    stride_si_n, stride_si_h, stride_si_a, stride_si_c,
+    stride_so_n, stride_so_h, stride_so_a, stride_so_c,
+    intra_scale, inter_scale, update_scale,
+    DIM_A: tl.constexpr, DIM_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[t, h, slice] for one (c-slice, sequence, head); see the module docstring for the roles of a, b, c."""
+    i_c, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if VARLEN:
+        bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * seq_len
+        eos = bos + seq_len
+    num_chunks = tl.cdiv(eos - bos, CHUNK)
+    log2_decay = -tl.load(rates_ptr + i_h).to(tl.float32) * 1.4426950408889634  # lambda^n = exp2(n * this)
+
+    o_r = tl.arange(0, CHUNK)
+    o_a = tl.arange(0, BLOCK_A)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_a = o_a < DIM_A
+    m_c = o_c < DIM_C
+
+    # Intra-chunk decay lambda^|r - s| on the causal side (s <= r forward, s >= r backward), 0 elsewhere.
+    if REVERSE:
+        distance = o_r[None, :] - o_r[:, None]
+    else:
+        distance = o_r[:, None] - o_r[None, :]
+    causal = distance >= 0
+    intra_decay = tl.where(causal, tl.exp2(log2_decay * tl.where(causal, distance, 0).to(tl.float32)), 0.0)
+    intra_decay = intra_decay * intra_scale
+
+    b_state = tl.zeros([BLOCK_A, BLOCK_C], dtype=tl.float32)
+    if HAS_STATE_IN:
+        p_si = (state_in_ptr + i_n.to(tl.int64) * stride_si_n + i_h * stride_si_h
+                + o_a[:, None] * stride_si_a + o_c[None, :] * stride_si_c)
+        b_state = tl.load(p_si, mask=m_a[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+
+    p_a0 = a_ptr + i_h * stride_a_h + o_a[None, :]
+    p_b0 = b_ptr + i_h * stride_b_h + o_a[None, :]
+    p_c0 = c_ptr + i_h * stride_c_h + o_c[None, :]
+    p_o0 = out_ptr + i_h * stride_o_h + o_c[None, :]
+    for i_step in range(0, num_chunks):
+        if REVERSE:
+            i_chunk = num_chunks - 1 - i_step
+        else:
+            i_chunk = i_step
+        t0 = bos + i_chunk * CHUNK
+        size = tl.minimum(eos - t0, CHUNK).to(tl.int32)
+        m_r = o_r < size
+        rows = (t0 + o_r)[:, None]
+        b_a = tl.load(p_a0 + rows * stride_a_t, mask=m_r[:, None] & m_a[None, :], other=0.0)
+        b_b = tl.load(p_b0 + rows * stride_b_t, mask=m_r[:, None] & m_a[None, :], other=0.0)
+        b_c = tl.load(p_c0 + rows * stride_c_t, mask=m_r[:, None] & m_c[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 arithmetic is wrong; fp32 everywhere there
+            b_a, b_b, b_c = b_a.to(tl.float32), b_b.to(tl.float32), b_c.to(tl.float32)
+        if REVERSE:
+            out_exp = size - 1 - o_r
+            update_exp = o_r + 1
+        else:
+            out_exp = o_r + 1
+            update_exp = size - 1 - o_r
+        out_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, out_exp, 0).to(tl.float32)), 0.0)
+        update_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, update_exp, 0).to(tl.float32)), 0.0)
+
+        b_scores = tl.dot(b_a, tl.trans(b_b)) * intra_decay  # (CHUNK, CHUNK) fp32
+        b_out = tl.dot(b_scores.to(b_c.dtype), b_c)
+        b_out += tl.dot(b_a, b_state.to(b_a.dtype)) * (out_decay * inter_scale)[:, None]
+        tl.store(p_o0 + rows * stride_o_t, b_out.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+        b_b_decayed = (b_b * (update_decay * update_scale)[:, None]).to(b_c.dtype)
+        b_state = b_state * tl.exp2(log2_decay * size.to(tl.float32)) + tl.dot(tl.trans(b_b_decayed), b_c)
+
+    if STORE_STATE_OUT:
+        p_so = (state_out_ptr + i_n.to(tl.int64) * stride_so_n + i_h * stride_so_h
+                + o_a[:, None] * stride_so_a + o_c[None, :] * stride_so_c)
+        tl.store(p_so, b_state, mask=m_a[:, None] & m_c[None, :])
+
+
+def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int, int]:
+    """(BLOCK_A, BLOCK_C, num_warps, num_stages): the whole a/b width in one tile, the c width in slices.
+
+    Measured on an H100 (benchmarks/results/attention_h100_8warps.json, "launch_configs"): at d = 128,
+    4 warps run forward+backward 1.7x faster than 8; at d_k = 256, 8 warps and 3 stages were best.
+    """
+    block_a = max(16, triton.next_power_of_2(dim_a))
+    block_c = max(16, min(64, triton.next_power_of_2(dim_c)))
+    if block_a <= 128:
+        return block_a, block_c, 4, 2
+    return block_a, block_c, 8, 3
+
+
+def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num_seqs,
+           scales, reverse, transpose_state):
+    """Launch the sweep kernel over (c slices, sequences, heads). States are (seqs, H, d_k, d_v) fp32;
+    `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps."""
+    heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
+    block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c)
+
+    def state_strides(state):
+        if state is None:
+            return (0, 0, 0, 0)
+        n, h, row, col = state.stride()
+        return (n, h, col, row) if transpose_state else (n, h, row, col)
+
+    grid = (triton.cdiv(dim_c, block_c), num_seqs, heads)
+    _lightning_attn_sweep_kernel[grid](
+        a, b, c, out, rates, state_in, state_out, cu_seqlens,
+        seq_len,
+        a.stride(-3), a.stride(-2), b.stride(-3), b.stride(-2), c.stride(-3), c.stride(-2),
+        out.stride(-3), out.stride(-2),
+        *state_strides(state_in), *state_strides(state_out),
+        *scales,
+        DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, CHUNK=CHUNK_SIZE,
+        REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
+        VARLEN=cu_seqlens is not None, UPCAST=_INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, H, D) -> (B*N, H, D) without a copy when the token dims are uniformly strided."""
+    if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _state_or_empty(wanted: bool, num_seqs: int, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An fp32 (seqs, H, d_k, d_v) state buffer, or a 0-element tensor (custom ops cannot return None)."""
+    shape = (num_seqs, q.shape[-2], q.shape[-1], v.shape[-1]) if wanted else (0,)
+    return q.new_empty(shape, dtype=torch.float32)
+
+
+def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int]:
+    """(tokens per sequence for the fixed-length layout, number of sequences)."""
+    if cu_seqlens is None:
+        return q.shape[1], q.shape[0]
+    return 0, cu_seqlens.numel() - 1
+
+
+def _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
+    """Returns (o in v's dtype, final state fp32 (seqs, H, d_k, d_v), or an empty tensor when not asked)."""
+    heads = q.shape[2]
+    seq_len, num_seqs = _sequences(q, cu_seqlens)
+    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    final_state = _state_or_empty(output_final_state, num_seqs, q, v)
+    _sweep(_flat(q), _flat(k), _flat(v), o.view(-1, heads, v.shape[-1]), decay_rates, initial_state,
+           final_state if output_final_state else None,
+           cu_seqlens, seq_len=seq_len, num_seqs=num_seqs, scales=(scale, scale, 1.0), reverse=False,
+           transpose_state=False)
+    return o, final_state
+
+
+def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht):
+    """Returns (dq, dk, dv, dh0 fp32 (seqs, H, d_k, d_v)); states are recomputed, none is stored."""
+    heads = q.shape[2]
+    seq_len, num_seqs = _sequences(q, cu_seqlens)
+    shapes = (q.shape, k.shape, v.shape)
+    q, k, v, do = _flat(q), _flat(k), _flat(v), _flat(do)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    dh0 = _state_or_empty(initial_state is not None, num_seqs, q, v)
+    common = dict(seq_len=seq_len, num_seqs=num_seqs)
+    _sweep(do, v, k, dq, decay_rates, initial_state, None, cu_seqlens, scales=(scale, scale, 1.0),
+           reverse=False, transpose_state=True, **common)
+    _sweep(k, q, do, dv, decay_rates, dht, dh0 if initial_state is not None else None, cu_seqlens,
+           scales=(scale, 1.0, scale),
+           reverse=True, transpose_state=False, **common)
+    _sweep(v, do, q, dk, decay_rates, dht, None, cu_seqlens, scales=(scale, 1.0, scale),
+           reverse=True, transpose_state=True, **common)
+    dq, dk, dv = (grad.view(shape) for grad, shape in zip((dq, dk, dv), shapes))
+    return dq, dk, dv, dh0
+
+
+# ---- torch custom ops: torch.compile traces through them (fake impls), autograd and checkpointing work ----
+
+@torch.library.custom_op("transnormer_hf::lightning_attn_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def lightning_attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_rates: torch.Tensor, scale: float,
+    initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (o, final_state fp32 or a 0-element tensor)."""
+    return _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens)
+
+
+@lightning_attn_fwd_op.register_fake
+def _(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return torch.empty_like(v), _state_or_empty(output_final_state, num_seqs, q, v)
+
+
+@torch.library.custom_op("transnormer_hf::lightning_attn_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def lightning_attn_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_rates: torch.Tensor, scale: float,
+    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
+    dht: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq, dk, dv, d initial_state fp32 or a 0-element tensor)."""
+    return _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht)
+
+
+@lightning_attn_bwd_op.register_fake
+def _(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht):
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dh0 = _state_or_empty(initial_state is not None, num_seqs, q, v)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, decay_rates, initial_state, cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht, backward_op=lightning_attn_bwd_op):
+    q, k, v, decay_rates, initial_state, cu_seqlens = ctx.saved_tensors
+    if dht is not None and dht.numel() == 0:  # the final state was not returned
+        dht = None
+    dq, dk, dv, dh0 = backward_op(q, k, v, decay_rates, ctx.scale, initial_state, cu_seqlens, do, dht)
+    return dq, dk, dv, None, None, (dh0 if initial_state is not None else None), None, None
+
+
+lightning_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LightningAttnFunction(torch.autograd.Function):
+    """The eager path: the same launchers and autograd rule without torch.library's dispatch, which
+    costs about 0.4 ms of host time per forward+backward (measured on CPU with launches stubbed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
+        inputs = (q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens)
+        _setup_context(ctx, inputs, None)
+        return _lightning_attn_fwd(*inputs)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        return _backward(ctx, do, dht, backward_op=_lightning_attn_bwd)
+
+
+def lightning_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_rates: torch.Tensor, *, scale: float = 1.0,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton Lightning Attention; arguments and return value as `transnormer_hf.kernels.lightning_attn`."""
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    decay_rates = decay_rates.to(device=q.device, dtype=torch.float32).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.to(torch.float32)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    # torch.compile traces the custom op (no graph break); eager code takes the cheaper Function.
+    op = lightning_attn_fwd_op if torch.compiler.is_compiling() else LightningAttnFunction.apply
+    o, final_state = op(q, k, v, decay_rates, float(scale), initial_state, output_final_state, cu_seqlens)
+    return o, (final_state if output_final_state else None)

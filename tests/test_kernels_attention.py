@@ -1,0 +1,120 @@
+"""The Triton Lightning Attention (kernels/triton_lightning_attn.py) against the float64 torch reference.
+
+Runs on CPU under TRITON_INTERPRET=1 (conftest sets it); shapes are small and cover non-multiple N
+(several chunks, the last one partial), d_k != d_v (also not powers of two), initial and final
+states with their gradients, varlen with state resets, the custom op under torch.compile and
+activation checkpointing.
+"""
+
+import pytest
+import torch
+from checks import rel_err
+
+from transnormer_hf import kernels
+from transnormer_hf.kernels import lightning_attn, lightning_attn_parallel_ref
+
+# The interpreter runs fp32 exactly; bf16/fp16 outputs (and P, the state) are rounded to 8/11 bits.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+# TNL's strongest layer-0 rate, a near-zero last-layer rate and an extreme rate 4 (lambda = 0.018).
+RATES = [0.84, 1e-5, 4.0]
+
+
+def _inputs(batch, length, heads, key_dim, value_dim, dtype, num_states=None):
+    q = torch.nn.functional.silu(torch.randn(batch, length, heads, key_dim)).to(dtype)
+    k = torch.nn.functional.silu(torch.randn(batch, length, heads, key_dim)).to(dtype)
+    v = torch.randn(batch, length, heads, value_dim).to(dtype)
+    h0 = torch.randn(num_states or batch, heads, key_dim, value_dim)
+    rates = torch.tensor(RATES[:heads])
+    return [x.requires_grad_() for x in (q, k, v, h0)], rates
+
+
+def _run(fn, inputs, rates, do, dht, **kwargs):
+    """Outputs and gradients of (o . do + final_state . dht) w.r.t. q, k, v, initial_state."""
+    q, k, v, h0 = inputs
+    o, ht = fn(q, k, v, rates, initial_state=h0, output_final_state=True, **kwargs)
+    grads = torch.autograd.grad((o.double() * do).sum() + (ht.double() * dht).sum(), (q, k, v, h0))
+    return (o, ht, *grads)
+
+
+def _check(names, got, truth, tolerance):
+    for name, out, ref in zip(names, got, truth):
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(out).all(), f"{name}: non-finite values"
+        err = rel_err(out, ref)
+        assert err <= tolerance, f"{name}: rel RMS {err:.2e} > {tolerance:.0e}"
+
+
+NAMES = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length, key_dim, value_dim, scale", [(100, 32, 16, 1.0), (64, 16, 24, 0.5)])
+def test_forward_backward_states_against_float64(dtype, length, key_dim, value_dim, scale):
+    inputs, rates = _inputs(2, length, 3, key_dim, value_dim, dtype)
+    do = torch.randn(2, length, 3, value_dim, dtype=torch.float64)
+    dht = torch.randn(2, 3, key_dim, value_dim, dtype=torch.float64)
+    got = _run(lightning_attn, inputs, rates, do, dht, scale=scale, backend="triton")
+    truth = _run(lightning_attn_parallel_ref, [x.detach().double().requires_grad_() for x in inputs],
+                 rates, do, dht, scale=scale)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    _check(NAMES, got, truth, TOLERANCE[dtype])
+
+
+def test_varlen_resets_state_at_each_sequence():
+    # Sequences of 40, 0, 70 and 1 tokens: a partial chunk, an empty one, a multi-chunk one, a single token.
+    cu_seqlens = torch.tensor([0, 40, 40, 110, 111])
+    inputs, rates = _inputs(1, 111, 2, 32, 32, torch.float32, num_states=4)
+    do = torch.randn(1, 111, 2, 32, dtype=torch.float64)
+    dht = torch.randn(4, 2, 32, 32, dtype=torch.float64)
+    got = _run(lightning_attn, inputs, rates, do, dht, cu_seqlens=cu_seqlens, backend="triton")
+    truth = _run(lightning_attn_parallel_ref, [x.detach().double().requires_grad_() for x in inputs],
+                 rates, do, dht, cu_seqlens=cu_seqlens)
+    _check(NAMES, got, truth, TOLERANCE[torch.float32])
+
+
+def test_without_states_and_under_activation_checkpointing():
+    (q, k, v, _), rates = _inputs(1, 70, 2, 16, 16, torch.float32)
+    o, final_state = lightning_attn(q, k, v, rates, backend="triton")
+    assert final_state is None
+    o_ref, _ = lightning_attn_parallel_ref(q.double(), k.double(), v.double(), rates)
+    assert rel_err(o, o_ref) <= 1e-5
+    do = torch.randn_like(o)
+    direct = torch.autograd.grad((o * do).sum(), (q, k, v))
+
+    def attention(q, k, v):
+        return lightning_attn(q, k, v, rates, backend="triton")[0]
+
+    checkpointed = torch.utils.checkpoint.checkpoint(attention, q, k, v, use_reentrant=False)
+    for name, a, b in zip("qkv", torch.autograd.grad((checkpointed * do).sum(), (q, k, v)), direct):
+        assert torch.equal(a, b), f"d{name} differs under activation checkpointing"
+
+
+def test_custom_op_compiles_without_graph_break():
+    (q, k, v, h0), rates = _inputs(1, 40, 2, 16, 16, torch.float32)
+
+    def attention(q, k, v, h0):
+        o, ht = lightning_attn(q, k, v, rates, initial_state=h0, output_final_state=True, backend="triton")
+        return o * 2, ht
+
+    explanation = torch._dynamo.explain(attention)(q, k, v, h0)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    o, ht = compiled(q, k, v, h0)
+    o_ref, ht_ref = attention(q, k, v, h0)
+    assert rel_err(o, o_ref) <= 1e-6 and rel_err(ht, ht_ref) <= 1e-6
+    grads = torch.autograd.grad(o.sum() + ht.sum(), (q, k, v, h0))
+    grads_ref = torch.autograd.grad(o_ref.sum() + ht_ref.sum(), (q, k, v, h0))
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_mixed_dtypes_are_rejected():
+    (q, k, v, _), rates = _inputs(1, 8, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="share one dtype"):
+        lightning_attn(q, k.half(), v, rates, backend="triton")
+
+
+def test_auto_backend_keeps_cpu_tensors_on_the_torch_reference():
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert kernels.resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert callable(kernels.lightning_attn) and kernels.lightning_attn is lightning_attn

@@ -17,7 +17,6 @@ import statistics
 import sys
 import sysconfig
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,11 +118,13 @@ def resolve_device(device: str) -> str:
 
 
 def silence_known_warnings() -> None:
-    """Hide the transformers/torch messages a quickstart user cannot act on; everything else still shows."""
+    """Hide the transformers output a CLI user cannot act on: the per-file bars of save and load.
+
+    (The Trainer's pin_memory warning on CPU is avoided by not asking for pinned memory there.)
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the "Writing model shards" / "Loading weights" bars
-    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
 
 
 # ---- corpus and tokenizer

@@ -276,6 +276,9 @@ def train(model, blocks, setup: QuickstartSetup, steps: int, device: str, seed: 
         progress.close()
     seconds = time.perf_counter() - start
     work_dir.cleanup()
+    # With bf16, accelerate wrapped model.forward in autocast; unwrapping restores the plain fp32 forward, so the
+    # saved-and-reloaded model computes exactly what the in-memory one does.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     model.eval()
     return progress.losses, seconds, interrupted
 

@@ -117,7 +117,7 @@ def test_dtype_casts_are_exact(dtype, torch_dtype, converted, tmp_path):
 
 
 def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path, monkeypatch):
-    sentencepiece = pytest.importorskip("sentencepiece")  # the converter's id check needs it too
+    import sentencepiece  # in the test extra: the converter's id check needs it too
     from transformers import AutoTokenizer
 
     from transnormer_hf.conversion import tokenizer as tokenizer_module
@@ -151,7 +151,7 @@ def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path, monke
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_tokenizer_conversion_with_byte_fallback(model_type, tmp_path):
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece
     from transformers import AutoTokenizer
 
     from transnormer_hf.conversion.tokenizer import SAMPLE_TEXTS, convert_tokenizer

@@ -186,8 +186,13 @@ def lightning_attn_chunk_ref(
 
     o_i = scale * (sum_{j<=i} (q_i . k_j) lambda^(i-j) v_j  +  lambda^(i+1) q_i S)
     S  <- lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
+
+    Packed sequences without states (packed training) are masked by sequence index instead of looped
+    over, so the boundaries are never read on the host and torch.compile traces it as one graph: a pair
+    (i, j) counts only inside one sequence, S reaches only queries of the sequence it belongs to, and a
+    block that starts a new sequence drops the old S.
     """
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
         return _per_sequence(
             lambda *a, **kw: lightning_attn_chunk_ref(*a, block_size=block_size, **kw),
             q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens,
@@ -201,6 +206,9 @@ def lightning_attn_chunk_ref(
         state = torch.zeros(batch, heads, key_dim, value_dim, dtype=dtype, device=q.device)
     else:
         state = initial_state.to(dtype)
+    sequence_of = None
+    if cu_seqlens is not None:  # the packed sequence each token belongs to, found on the device
+        sequence_of = torch.searchsorted(cu_seqlens[1:].to(q.device), torch.arange(length, device=q.device), right=True)
     outputs = []
     for begin in range(0, length, block_size):
         size = min(block_size, length - begin)
@@ -210,9 +218,17 @@ def lightning_attn_chunk_ref(
         intra_decay = torch.where(distance >= 0, torch.exp(-rates * distance.clamp(min=0)), 0.0)  # (H, m, m)
         query_decay = torch.exp(-rates * (index + 1).view(-1, 1))  # lambda^(i+1), (H, m, 1)
         key_decay = torch.exp(-rates * (size - 1 - index).view(-1, 1))  # lambda^(m-1-j), (H, m, 1)
+        state_decay = torch.exp(-rates * size)
+        if sequence_of is not None:
+            block_sequences = sequence_of[begin : begin + size]
+            state_sequence = sequence_of[max(begin - 1, 0)]  # S holds the tokens before this block
+            intra_decay = intra_decay * (block_sequences[:, None] == block_sequences[None, :])
+            query_decay = query_decay * (block_sequences == state_sequence).view(-1, 1)
+            key_decay = key_decay * (block_sequences == block_sequences[-1]).view(-1, 1)
+            state_decay = state_decay * (block_sequences[-1] == state_sequence)
         intra = (q_blk @ k_blk.transpose(-1, -2) * intra_decay) @ v_blk
         outputs.append(intra + (q_blk * query_decay) @ state)
-        state = torch.exp(-rates * size) * state + (k_blk * key_decay).transpose(-1, -2) @ v_blk
+        state = state_decay * state + (k_blk * key_decay).transpose(-1, -2) @ v_blk
     if outputs:
         out = torch.cat(outputs, dim=2)
     else:

@@ -161,3 +161,26 @@ def test_srms_norm_matches_float64():
     truth = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     assert_close_to_ref("srms_norm", srms_norm(x, 1e-6), truth)
     assert srms_norm(x.bfloat16(), 1e-6).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("lengths", [[5, 70, 1, 33, 130], [64, 64], [200]])
+def test_packed_sequences_without_states_are_masked_not_looped(lengths):
+    """Packed training takes the masked block form (no host reads); it must equal each document alone."""
+    docs = [_inputs(1, n, 2, 16, 8) for n in lengths]
+    q, k, v = (torch.cat([d[i] for d in docs], dim=1) for i in range(3))
+    rates = docs[0][3]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    out, final = lightning_attn_chunk_ref(q, k, v, rates, cu_seqlens=cu_seqlens)
+    assert final is None
+    start = 0
+    for index, (dq, dk, dv, _, _) in enumerate(docs):
+        alone = lightning_attn_parallel_ref(*_float64(dq, dk, dv), rates)[0]
+        assert_close_to_ref(f"doc {index}", out[:, start:start + lengths[index]], alone)
+        start += lengths[index]
+
+
+def test_packed_chunk_form_traces_without_graph_breaks():
+    q, k, v, rates, _ = _inputs(1, 150, 2, 16, 8)
+    cu_seqlens = torch.tensor([0, 40, 100, 150])
+    explanation = torch._dynamo.explain(lightning_attn_chunk_ref)(q, k, v, rates, cu_seqlens=cu_seqlens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

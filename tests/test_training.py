@@ -326,11 +326,14 @@ def test_tp_plan_names_real_modules_and_keeps_the_token_mixer_whole():
     base_names = [name for name, _ in model.model.named_modules()]
     plan = model.config.base_model_tp_plan
     for pattern, style in plan.items():
+        assert style in ALL_PARALLEL_STYLES, style
+        if pattern == "embed_tokens":  # transformers <= 5.23 adds this itself for tied embeddings
+            assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+            continue
         regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + "$")
         matches = [name for name in base_names if regex.match(name)]
         assert len(matches) == model.config.num_hidden_layers, (pattern, matches)
         assert all(isinstance(model.model.get_submodule(name), torch.nn.Linear) for name in matches)
-        assert style in ALL_PARALLEL_STYLES, style
     assert not any("token_mixer" in pattern for pattern in plan)  # fused q|k|v|u and a joint norm: not shardable
     assert plan["layers.*.channel_mixer.l3"] == "rowwise"
     assert {plan["layers.*.channel_mixer.l1"], plan["layers.*.channel_mixer.l2"]} == {"colwise"}

@@ -311,6 +311,8 @@ def sample(model, tokenizer, prompts, seed: int, device: str) -> tuple[list[str]
     import torch
     from tqdm.auto import tqdm
 
+    # A short warm-up first, so the rate excludes one-time costs (Triton compiles and autotunes on first use).
+    model.generate(**tokenizer(prompts[0], return_tensors="pt").to(device), max_new_tokens=2, do_sample=False)
     texts, new_tokens, seconds = [], 0, 0.0
     for index, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt", dynamic_ncols=True)):
         torch.manual_seed(seed + index)

@@ -9,8 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
-from transnormer_hf import TransNormerLLMCache, TransNormerLLMForCausalLM
-from transnormer_hf.cache_transnormer import TransNormerLLMStaticCache
+from transnormer_hf import TransNormerLLMCache, TransNormerLLMStaticCache
 from transnormer_hf.modeling_transnormer import CACHE_FIELD
 
 NEW_TOKENS = 6
@@ -74,6 +73,8 @@ def test_static_cache_reorders_and_resets_in_place(tiny_model):
     assert cache.seen_tokens == 0
     assert all(not layer.state.any() for layer in cache.layers)
     assert [layer.state.data_ptr() for layer in cache.layers] == addresses
+    with torch.no_grad(), pytest.raises(ValueError, match=r"initial_state must have shape \(2, .* got \(3, "):
+        tiny_model(torch.randint(3, 48, (2, 4)), cache=cache, use_cache=True)
 
 
 def test_static_generate_compiles_once_and_equals_default_greedy(tiny_model):

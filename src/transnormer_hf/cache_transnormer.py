@@ -123,6 +123,12 @@ class TransNormerLLMCache(Cache):
         return sum(layer.state.numel() * layer.state.element_size() for layer in self.layers if layer.state is not None)
 
 
+def _mark_static_address(tensor: torch.Tensor) -> None:
+    # A tensor that a CUDA graph reads and writes must keep its address from one replay to the next.
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(tensor)
+
+
 class TransNormerLLMStaticLayerState(TransNormerLLMLayerState):
     """One layer's state for compiled decoding: allocated by the first forward, then updated in place."""
 
@@ -142,12 +148,6 @@ class TransNormerLLMStaticLayerState(TransNormerLLMLayerState):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
             self.state.copy_(self.state.index_select(0, beam_idx.to(self.state.device)))
-
-
-def _mark_static_address(tensor: torch.Tensor) -> None:
-    # A tensor that a CUDA graph reads and writes must keep its address from one replay to the next.
-    if not torch.compiler.is_compiling():
-        torch._dynamo.mark_static_address(tensor)
 
 
 class TransNormerLLMStaticCache(TransNormerLLMCache):
@@ -178,10 +178,10 @@ class TransNormerLLMStaticCache(TransNormerLLMCache):
             self._seen = torch.tensor(value, dtype=torch.int64)
 
     def positions(self, length: int, device: torch.device) -> torch.Tensor:
-        if self._seen is None:
-            self._seen = torch.zeros((), dtype=torch.int64, device=device)
+        if self._seen is None or self._seen.device != device:
+            self._seen = torch.zeros((), dtype=torch.int64, device=device) + self.seen_tokens
             _mark_static_address(self._seen)
-        return self._seen.to(device) + torch.arange(length, device=device)
+        return self._seen + torch.arange(length, device=device)
 
     def advance(self, length: int) -> None:
         self._seen.add_(length)

@@ -86,6 +86,16 @@ def test_static_generate_compiles_once_and_equals_default_greedy(tiny_model):
     assert torch.equal(static.sequences, default)
 
 
+def test_static_generate_equals_default_when_sampling(tiny_model):
+    prompt = torch.randint(3, 48, (2, 5))
+    torch.manual_seed(1)
+    default = tiny_model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, eos_token_id=None)
+    torch.manual_seed(1)
+    static = tiny_model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, eos_token_id=None,
+                                 cache_implementation="static", compile_config=_compile_config())
+    assert torch.equal(static, default)
+
+
 def test_static_generate_equals_default_on_a_left_padded_batch(tiny_model):
     prompts = [torch.randint(3, 48, (1, n)) for n in (8, 3, 1)]
     width = max(p.shape[1] for p in prompts)

@@ -12,7 +12,7 @@ import logging
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .cache_transnormer import TransNormerLLMCache
+from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import PRESETS, TransNormerLLMConfig
 from .modeling_transnormer import (
     TransNormerLLMForCausalLM,
@@ -28,6 +28,7 @@ __all__ = [
     "TransNormerLLMForCausalLM",
     "TransNormerLLMModel",
     "TransNormerLLMPreTrainedModel",
+    "TransNormerLLMStaticCache",
 ]
 
 logger = logging.getLogger(__name__)

@@ -4,6 +4,10 @@ A TNL layer needs no keys or values from the past: one fp32 state S of shape (ba
 summarises them (tnl_spec.md section 6), so the cache has the same size at token 100 and at token
 100,000. The LRPE position of the next token is `seen_tokens`; unlike the official code, no position
 offset is kept on the modules, so reusing a model instance never shifts positions (spec section 10.1).
+
+`TransNormerLLMStaticCache` is the compile-friendly variant (`generate(..., cache_implementation="static")`):
+its states keep one address and shape from the first forward on and are updated in place, and the token
+count lives in a device tensor, so a compiled decode step is traced once and replayed (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class TransNormerLLMLayerState:
         if self.state is not None:
             self.state = fn(self.state)
 
+    def update(self, new_state: torch.Tensor) -> None:
+        """Keep the state a forward returned."""
+        self.state = new_state
+
     def reset(self) -> None:
         self._map(torch.zeros_like)
 
@@ -66,12 +74,14 @@ class TransNormerLLMCache(Cache):
     raises and says why.
     """
 
+    layer_class = TransNormerLLMLayerState
+
     def __init__(self, config=None, num_layers: int | None = None) -> None:
         if num_layers is None:
             if config is None:
                 raise ValueError("TransNormerLLMCache needs the model config or num_layers")
             num_layers = config.num_hidden_layers
-        super().__init__(layers=[TransNormerLLMLayerState() for _ in range(num_layers)])
+        super().__init__(layers=[self.layer_class() for _ in range(num_layers)])
         self.seen_tokens = 0
 
     def __getitem__(self, layer_idx: int) -> torch.Tensor | None:
@@ -79,6 +89,14 @@ class TransNormerLLMCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """Absolute (LRPE) positions of the next `length` tokens, (length,) int64."""
+        return torch.arange(self.seen_tokens, self.seen_tokens + length, device=device)
+
+    def advance(self, length: int) -> None:
+        """Count `length` more tokens; the model calls it once per forward, after every layer."""
+        self.seen_tokens += length
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
@@ -103,3 +121,73 @@ class TransNormerLLMCache(Cache):
     def state_bytes(self) -> int:
         """Memory held by the states, in bytes (constant in the sequence length)."""
         return sum(layer.state.numel() * layer.state.element_size() for layer in self.layers if layer.state is not None)
+
+
+def _mark_static_address(tensor: torch.Tensor) -> None:
+    # A tensor that a CUDA graph reads and writes must keep its address from one replay to the next.
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(tensor)
+
+
+class TransNormerLLMStaticLayerState(TransNormerLLMLayerState):
+    """One layer's state for compiled decoding: allocated by the first forward, then updated in place."""
+
+    is_compileable = True
+
+    def update(self, new_state: torch.Tensor) -> None:
+        if self.state is None:
+            self.state = new_state.contiguous()
+            _mark_static_address(self.state)
+        else:
+            self.state.copy_(new_state)
+
+    def reset(self) -> None:
+        if self.state is not None:
+            self.state.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state.copy_(self.state.index_select(0, beam_idx.to(self.state.device)))
+
+
+class TransNormerLLMStaticCache(TransNormerLLMCache):
+    """Compile-friendly recurrent cache: fixed-shape states updated in place and a device token counter.
+
+    `generate(..., cache_implementation="static")` builds one, and `generate` then runs its decode steps through
+    `torch.compile` (on CUDA by default with mode "reduce-overhead", i.e. CUDA graphs; elsewhere pass a
+    `compile_config`). The states are allocated by the first forward (the eager prefill) at its batch size and
+    device; LRPE positions are read from a 0-d int64 tensor, so the compiled step never specialises on the
+    position. `seen_tokens` reads that tensor back (a host sync; generate reads it once, before the prefill).
+    """
+
+    layer_class = TransNormerLLMStaticLayerState
+
+    def __init__(self, config=None, num_layers: int | None = None) -> None:
+        self._seen: torch.Tensor | None = None
+        super().__init__(config, num_layers)
+
+    @property
+    def seen_tokens(self) -> int:
+        return 0 if self._seen is None else int(self._seen)
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        if self._seen is not None:
+            self._seen.fill_(value)
+        elif value != 0:
+            self._seen = torch.tensor(value, dtype=torch.int64)
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        if self._seen is None or self._seen.device != device:
+            self._seen = torch.zeros((), dtype=torch.int64, device=device) + self.seen_tokens
+            _mark_static_address(self._seen)
+        return self._seen + torch.arange(length, device=device)
+
+    def advance(self, length: int) -> None:
+        self._seen.add_(length)
+
+    def reset(self) -> None:
+        """Zero the states and the counter in place, keeping their addresses (a captured graph stays valid)."""
+        for layer in self.layers:
+            layer.reset()
+        self.seen_tokens = 0

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from transnormer_hf.kernels import gated_srms_norm, lightning_attn, lightning_attn_step, srms_norm
 
-from .cache_transnormer import TransNormerLLMCache
+from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
 
 # ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, old name deprecated until 5.40)
@@ -329,8 +329,10 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             hidden_states = hidden_states.reshape(1, batch * length, -1)  # (1, B * N, d): rows end-to-end
             cu_seqlens = cu_seqlens.to(device=hidden_states.device, dtype=torch.int64)
 
-        seen = cache.seen_tokens if cache is not None else 0
-        positions = torch.arange(seen, seen + hidden_states.shape[1], device=hidden_states.device)
+        if cache is not None:
+            positions = cache.positions(hidden_states.shape[1], hidden_states.device)
+        else:
+            positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
         all_hidden_states = () if output_hidden_states else None
         for layer_idx, layer in enumerate(self.layers):
             if output_hidden_states:
@@ -341,13 +343,13 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
                 cu_seqlens=cu_seqlens, output_final_state=cache is not None,
             )
             if cache is not None:
-                cache.layers[layer_idx].state = new_state
+                cache.layers[layer_idx].update(new_state)
         hidden_states = self.final_norm(hidden_states).view(batch, length, -1)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:
             # Advanced once, after every layer, by this forward's length: every layer saw the same positions.
-            cache.seen_tokens += length
+            cache.advance(length)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
@@ -362,6 +364,7 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
     # Under tp_plan="auto" transformers shards the (tied) embedding by vocabulary; the head then computes its
     # vocabulary slice of the logits and gathers them (as Llama does).
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _can_compile_fullgraph = True  # the decode step traces as one graph (tests/test_static_decode.py)
 
     def __init__(self, config: TransNormerLLMConfig) -> None:
         super().__init__(config)
@@ -403,3 +406,12 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict else output.to_tuple()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """`cache_implementation="static"` gives a `TransNormerLLMStaticCache`; generate() compiles the decode step
+        for a compileable cache (on CUDA by default, elsewhere with a `compile_config`). Anything else as usual."""
+        wants_static = generation_config.cache_implementation == "static" and generation_config.use_cache is not False
+        if wants_static and model_kwargs.get(CACHE_FIELD) is None:
+            model_kwargs[CACHE_FIELD] = TransNormerLLMStaticCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

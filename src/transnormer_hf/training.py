@@ -306,5 +306,16 @@ def run_train(args: argparse.Namespace) -> int:
             summary += f", eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
         print(summary + f", {tokens / elapsed:,.0f} tokens/s over {elapsed:.1f} s")
         print(f"saved {'adapters' if args.lora else 'model'} to {final_dir}" + (f"; loss plot {plot}" if plotted else ""))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group once every rank is done: a gloo group still alive at interpreter
+    exit can abort a rank ("terminate called without an active exception") after the work succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 

@@ -4,7 +4,7 @@ CI has no GPU, so this script is how the CUDA claims of the core issue are check
 (backend, dtype, reference) with the relative RMS error against the official fp32 outputs, writes them as
 JSON, and exits non-zero when an fp32 error exceeds 1e-5 (torch) or the Triton fp32 bound below.
 
-    python benchmarks/gpu_checks.py --fixture ../shared/fixtures/tnl_tiny_a --out benchmarks/results/gpu_checks.json
+    python benchmarks/gpu_checks.py --out benchmarks/results/gpu_checks.json
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def check(model: TransNormerLLMForCausalLM, ref: dict[str, torch.Tensor], device
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixture", type=Path, required=True, help="the tnl_tiny_a folder")
+    parser.add_argument("--fixture", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tnl_tiny_a",
+                        help="the tnl_tiny_a folder (default: the copy in tests/fixtures)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -25,8 +25,9 @@ if os.environ["TRITON_INTERPRET"] == "1":
         _autotuner.Autotuner.do_bench = property(lambda self: _no_bench)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TNL_SHARED", REPO.parent / "shared"))
-FIXTURE = SHARED / "fixtures" / "tnl_tiny_a"
+# The official code's outputs on a tiny checkpoint (copied from the project's shared/fixtures, so a fresh clone
+# tests itself); TNL_SHARED points at another copy of shared/ instead.
+FIXTURE = (Path(os.environ["TNL_SHARED"]) / "fixtures" if "TNL_SHARED" in os.environ else REPO / "tests" / "fixtures") / "tnl_tiny_a"
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     if not FIXTURE.is_dir():
-        raise FileNotFoundError(f"the tnl_tiny_a fixture is missing at {FIXTURE} (set TNL_SHARED)")
+        raise FileNotFoundError(f"the tnl_tiny_a fixture is missing at {FIXTURE} (set TNL_SHARED to a folder holding fixtures/)")
     return FIXTURE
 
 

@@ -4,9 +4,10 @@
     python benchmarks/end_to_end.py decode --shape 1B --contexts 1024 65536 --batches 1 8 64 --out decode.json
 
 Training: bf16 weights, AdamW (fused), a fixed number of tokens per step split into batch = tokens/context
-rows, random ids; reports tokens/s (median of the timed steps) and peak memory. Decoding: a cache as it stands
-after `context` tokens (random entries: TNL's states, Llama's keys and values), then timed single-token
-forwards on it; reports ms per token, tokens/s for the batch and the cache's bytes. Out-of-memory is recorded as such, not raised.
+rows, random ids; reports tokens/s (median of the timed steps) and peak memory. Decoding: the quickstart's
+measurement at each batch size (a cache as it stands after `context` tokens, built without a prefill: TNL's
+states from one step, Llama's keys and values random; the median of `--steps` single-token forwards after one
+warm-up); reports ms per token, tokens/s for the batch and the cache's bytes. Out-of-memory is recorded as such, not raised.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from transnormer_hf import TransNormerLLMCache, TransNormerLLMConfig, TransNormerLLMForCausalLM
-from transnormer_hf.modeling_transnormer import CACHE_FIELD
+from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+from transnormer_hf.quickstart import decode_step_seconds
 
 
 def build(model: str, shape: str, backend: str, vocab_size: int) -> torch.nn.Module:
@@ -89,25 +90,6 @@ def train_rows(args) -> list[dict]:
     return rows
 
 
-def filled_cache(model: torch.nn.Module, batch: int, context: int):
-    """A cache as it stands after `context` tokens, filled with random entries (no prefill needed):
-    TNL's fixed-size states, or Llama's keys and values of length `context`."""
-    config = model.config
-    if isinstance(model, TransNormerLLMForCausalLM):
-        cache = TransNormerLLMCache(config)
-        for layer, flag in zip(cache.layers, config.lrpe_layers):
-            key_dim = config.head_dim * (2 if flag else 1)
-            layer.state = torch.randn(batch, config.num_attention_heads, key_dim, config.head_dim, device="cuda") * 0.01
-        cache.seen_tokens = context
-        return cache
-    cache = DynamicCache(config=config)
-    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    for layer_idx in range(config.num_hidden_layers):
-        keys = torch.randn(batch, heads, context, head_dim, device="cuda", dtype=torch.bfloat16)
-        cache.update(keys, torch.randn_like(keys), layer_idx)
-    return cache
-
-
 @torch.no_grad()
 def decode_rows(args) -> list[dict]:
     rows = []
@@ -117,34 +99,14 @@ def decode_rows(args) -> list[dict]:
             for context in args.contexts:
 
                 def measure() -> dict:
-                    cache = filled_cache(model, batch, context)
-                    token = torch.randint(3, args.vocab_size, (batch, 1), device="cuda")
-                    times = []
-                    for step in range(args.warmup + args.steps):
-                        start = _synchronized()
-                        out = model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})
-                        token = out.logits[:, -1:].argmax(-1)
-                        if step >= args.warmup:
-                            times.append(_synchronized() - start)
-                    cache_bytes = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
-                    ms = 1000 * statistics.median(times)
-                    return dict(result="ok", ms_per_token=round(ms, 3), tokens_per_s=round(1000 * batch / ms, 1),
-                                cache_gib=round(cache_bytes / 2**30, 3))
+                    seconds, cache_bytes = decode_step_seconds(model, context, args.steps, "cuda", batch)
+                    return dict(result="ok", ms_per_token=round(1000 * seconds, 3),
+                                tokens_per_s=round(batch / seconds, 1), cache_gib=round(cache_bytes / 2**30, 3))
 
                 rows.append(_attempt(measure, mode="decode", model=name, context=context, batch=batch,
                                      backend=args.backend))
         del model
     return rows
-
-
-def _cache_tensors(cache) -> list[torch.Tensor]:
-    tensors = []
-    for layer in cache.layers:
-        for attribute in ("state", "keys", "values"):
-            value = getattr(layer, attribute, None)
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-    return tensors
 
 
 def main() -> int:
@@ -159,7 +121,7 @@ def main() -> int:
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (all linear layers) only")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="TNL's attention")
     parser.add_argument("--vocab-size", type=int, default=64000)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -351,8 +351,8 @@ def _tensor_bytes(*tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def _cache_at_context(model, context: int, device: str):
-    """A cache as after `context` tokens, built without a prefill; returns it with its size in bytes.
+def _cache_at_context(model, context: int, device: str, batch: int = 1):
+    """A cache of `batch` rows as after `context` tokens, built without a prefill; returns it with its bytes.
 
     TNL: one decode step gives every layer its fixed-size state; the token counter is then set to `context`
     (it only moves the LRPE angles). Llama: every layer gets keys and values of `context` random vectors.
@@ -367,27 +367,28 @@ def _cache_at_context(model, context: int, device: str):
     if isinstance(model, TransNormerLLMPreTrainedModel):
         cache = TransNormerLLMCache(config)
         with torch.no_grad():
-            model(input_ids=torch.ones(1, 1, dtype=torch.int64, device=device), use_cache=True, **{CACHE_FIELD: cache})
+            model(input_ids=torch.ones(batch, 1, dtype=torch.int64, device=device), use_cache=True,
+                  **{CACHE_FIELD: cache})
         cache.seen_tokens = context
         return cache, cache.state_bytes
     head_dim = config.hidden_size // config.num_attention_heads
     cache = DynamicCache(config=config)
     dtype = next(model.parameters()).dtype
     for layer_idx in range(config.num_hidden_layers):
-        keys, values = (torch.randn(1, config.num_key_value_heads, context, head_dim, dtype=dtype, device=device)
+        keys, values = (torch.randn(batch, config.num_key_value_heads, context, head_dim, dtype=dtype, device=device)
                         for _ in range(2))
         cache.update(keys, values, layer_idx)
     return cache, sum(_tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
 
 
-def decode_step_seconds(model, context: int, steps: int, device: str) -> tuple[float, int]:
-    """Median wall time of one greedy decode step at `context` tokens, and the cache bytes there."""
+def decode_step_seconds(model, context: int, steps: int, device: str, batch: int = 1) -> tuple[float, int]:
+    """Median wall time of one greedy decode step of `batch` rows at `context` tokens, and the cache bytes there."""
     import torch
 
     from .modeling_transnormer import CACHE_FIELD
 
-    cache, cache_bytes = _cache_at_context(model, context, device)
-    token = torch.ones(1, 1, dtype=torch.int64, device=device)
+    cache, cache_bytes = _cache_at_context(model, context, device, batch)
+    token = torch.ones(batch, 1, dtype=torch.int64, device=device)
     times = []
     with torch.no_grad():
         for step in range(steps + 1):  # the first step is a warm-up

@@ -4,7 +4,8 @@
     python benchmarks/end_to_end.py decode --shape 1B --contexts 1024 65536 --batches 1 8 64 --out decode.json
 
 Training: bf16 weights, AdamW (fused), a fixed number of tokens per step split into batch = tokens/context
-rows, random ids; reports tokens/s (median of the timed steps) and peak memory. Decoding: the quickstart's
+rows, random ids; reports tokens/s (median of the timed steps) and peak memory (LoRA fine-tuning has its own
+script, train_lora.py). Decoding: the quickstart's
 measurement at each batch size (a cache as it stands after `context` tokens, built without a prefill: TNL's
 states from one step, Llama's keys and values random; the median of `--steps` single-token forwards after one
 warm-up); reports ms per token, tokens/s for the batch and the cache's bytes. Out-of-memory is recorded as such, not raised.
@@ -62,12 +63,8 @@ def train_rows(args) -> list[dict]:
         params = sum(p.numel() for p in model.parameters())
         if name in args.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if args.lora:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, target_modules="all-linear"))
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         for context in args.contexts:
             batch = max(1, args.tokens_per_step // context)
 
@@ -85,7 +82,7 @@ def train_rows(args) -> list[dict]:
                 return dict(result="ok", step_s=round(seconds, 4), tokens_per_s=round(batch * context / seconds))
 
             rows.append(_attempt(measure, mode="train", model=name, params=params, context=context, batch=batch,
-                                 checkpointing=name in args.checkpointing, lora=args.lora, backend=args.backend))
+                                 checkpointing=name in args.checkpointing, backend=args.backend))
         del model, optimizer
     return rows
 
@@ -118,7 +115,6 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64], help="decode batch sizes")
     parser.add_argument("--tokens-per-step", type=int, default=32768)
     parser.add_argument("--checkpointing", nargs="*", default=["llama"], help="models trained with checkpointing")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (all linear layers) only")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="TNL's attention")
     parser.add_argument("--vocab-size", type=int, default=64000)
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps")

@@ -31,14 +31,11 @@ def build(kind: str, preset: str, vocab_size: int) -> torch.nn.Module:
     if kind.startswith("tnl"):
         tnl.attention_backend = kind.split("-")[1]
         return TransNormerLLMForCausalLM(tnl)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transnormer_hf.quickstart import same_size_llama
 
-    # Same width, depth, heads and SGLU width; Llama's SwiGLU has the same three matrices.
-    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=tnl.hidden_size, num_hidden_layers=tnl.num_hidden_layers,
-                        num_attention_heads=tnl.num_attention_heads, intermediate_size=tnl.intermediate_size,
-                        max_position_embeddings=max(65536, 2 * tnl.hidden_size), tie_word_embeddings=True,
-                        attn_implementation="sdpa")
-    return LlamaForCausalLM(llama)
+    llama = same_size_llama(tnl)  # same width, depth, heads and vocabulary; MLP widened to match the parameter count
+    llama.config._attn_implementation = "sdpa"
+    return llama
 
 
 def measure(kind: str, preset: str, length: int, steps: int, vocab_size: int, device: str) -> dict:
@@ -108,7 +105,7 @@ def main() -> None:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft.__version__, "python": platform.python_version()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "setup": "LoRA r16 all-linear, bf16 autocast, gradient checkpointing, batch 1, AdamW; warm-up step excluded",
+            "setup": "Llama: quickstart.same_size_llama (parameter-matched, SDPA); LoRA r16 all-linear, bf16 autocast, gradient checkpointing, batch 1, AdamW; warm-up step excluded",
             "results": results,
         }
         with open(args.out, "w") as handle:

@@ -1,4 +1,5 @@
-"""Lightning Attention and SRMSNorm ops for TransNormerLLM: torch references plus Triton kernels.
+"""Lightning Attention and SRMSNorm ops for TransNormerLLM: torch references plus Triton kernels; and the
+chunked linear + cross-entropy loss (torch only).
 
 This package imports only torch, triton and the standard library. The public ops dispatch once,
 here: Triton for CUDA tensors when it is importable, otherwise the torch reference in
@@ -13,6 +14,7 @@ import os
 
 import torch
 
+from .linear_cross_entropy import linear_cross_entropy
 from .reference import (
     gated_srms_norm_ref,
     lightning_attn_chunk_ref,
@@ -27,6 +29,7 @@ __all__ = [
     "gated_srms_norm",
     "lightning_attn",
     "lightning_attn_step",
+    "linear_cross_entropy",
     "srms_norm",
     "resolve_backend",
     "triton_unavailable_reason",

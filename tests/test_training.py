@@ -147,11 +147,11 @@ def test_packed_equals_separate_loss_and_gradients():
     assert abs(leaked.item() - separate_loss.item()) > 1e-3
 
 
-def _one_sgd_step(batch_size, grad_accum, tmp_path, rows):
+def _one_sgd_step(batch_size, grad_accum, tmp_path, rows, **config):
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    model = TransNormerLLMForCausalLM(tiny_config())
+    model = TransNormerLLMForCausalLM(tiny_config(**config))
     args = TrainingArguments(
         output_dir=str(tmp_path / f"bs{batch_size}_ga{grad_accum}"), per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=1.0, optim="sgd",

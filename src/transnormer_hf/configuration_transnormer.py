@@ -61,6 +61,8 @@ class TransNormerLLMConfig(PreTrainedConfig):
         use_bias: biases on the token and channel mixer projections (official `bias`).
         initializer_range: std of the normal init of linear and embedding weights (official `init_std`).
         attention_backend: "auto" (Triton on CUDA when available, torch otherwise), "torch" or "triton".
+        loss_chunk_size: 0 (off) or the rows per chunk of a fused lm_head + cross-entropy used in training: the loss
+            comes straight from the hidden states, the full logits are never built, and `logits` is None.
     """
 
     model_type = "transnormer_llm"
@@ -94,6 +96,7 @@ class TransNormerLLMConfig(PreTrainedConfig):
         use_bias: bool = False,
         initializer_range: float = 0.02,
         attention_backend: str = "auto",
+        loss_chunk_size: int = 0,
         use_cache: bool = True,
         pad_token_id: int | None = 0,
         bos_token_id: int | None = 1,
@@ -138,6 +141,7 @@ class TransNormerLLMConfig(PreTrainedConfig):
         self.use_bias = given["use_bias"]
         self.initializer_range = given["initializer_range"]
         self.attention_backend = attention_backend
+        self.loss_chunk_size = loss_chunk_size
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -200,6 +204,9 @@ class TransNormerLLMConfig(PreTrainedConfig):
             raise ValueError(f"initializer_range must be >= 0; got {self.initializer_range!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton'; got {self.attention_backend!r}")
+        chunk = self.loss_chunk_size
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise ValueError(f"loss_chunk_size must be a non-negative integer (0 = off); got {self.loss_chunk_size!r}")
 
 
 def _apply_official_aliases(given: dict[str, Any], kwargs: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from transnormer_hf.kernels import gated_srms_norm, lightning_attn, lightning_attn_step, srms_norm
+from transnormer_hf.kernels import gated_srms_norm, lightning_attn, lightning_attn_step, linear_cross_entropy, srms_norm
 
 from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
@@ -388,7 +388,10 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (of the last `logits_to_keep` positions when non-zero) and, with `labels`, the shifted
-        causal-LM loss (ignore index -100; honours `num_items_in_batch` under gradient accumulation)."""
+        causal-LM loss (ignore index -100; honours `num_items_in_batch` under gradient accumulation).
+
+        With `config.loss_chunk_size > 0` a training step computes the loss chunk by chunk from the hidden states and
+        returns `logits=None` (turn it off for tools that read training logits, e.g. token accuracy)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -396,16 +399,41 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits = loss = None
+        if labels is not None and self._uses_chunked_loss(logits_to_keep):
+            loss = self._chunked_loss(hidden_states, labels, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict else output.to_tuple()
+
+    def _uses_chunked_loss(self, logits_to_keep: int | torch.Tensor) -> bool:
+        """The chunked loss stands in for the head only where it computes the same thing: in training, on every
+        position, with a plain bias-free nn.Linear head (not wrapped by PEFT, quantised or hooked, e.g. by TP)."""
+        head = self.lm_head
+        plain_head = type(head) is nn.Linear and head.bias is None
+        hooked = bool(head._forward_hooks or head._forward_pre_hooks)
+        all_positions = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        enabled = self.config.loss_chunk_size > 0 and torch.is_grad_enabled()
+        return enabled and all_positions and plain_head and not hooked
+
+    def _chunked_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor,
+                      shift_labels: torch.Tensor | None = None,
+                      num_items_in_batch: int | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """transformers' ForCausalLMLoss on `lm_head(hidden_states)`, without building the logits."""
+        if shift_labels is None:  # tokens < n predict n: pad on the right with the ignore index, drop the first
+            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        return linear_cross_entropy(
+            hidden_states.reshape(-1, hidden_states.shape[-1]), self.lm_head.weight,  # (B * N, D)
+            shift_labels.reshape(-1).to(hidden_states.device), chunk_size=self.config.loss_chunk_size,
+            num_items_in_batch=num_items_in_batch,
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """`cache_implementation="static"` gives a `TransNormerLLMStaticCache`; generate() compiles the decode step

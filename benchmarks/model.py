@@ -14,8 +14,9 @@ Parts (`--parts`, default all; every row is written to the JSON as soon as it is
 - decode: one greedy step at each context and batch, the cache built without a prefill (TNL's states from one
   step, Llama's keys and values random); ms per token, tokens/s of the batch, cache bytes. TNL also at the large
   `--big-batches` at `--big-batch-context`.
-- static: TNL `generate(..., cache_implementation="static")` (compiled decode step) against the default cache,
-  per-token time from two generation lengths (so prefill and compile drop out).
+- static: TNL's compiled decode step (torch.compile, CUDA graphs) on a static cache at each decode context and
+  batch; then `generate(..., cache_implementation="static")` against the default cache, per-token time from two
+  generation lengths (so prefill and compile drop out).
 - prefill: a forward of `--prefill-tokens` tokens filling the cache, logits for the last position only.
 - longest: batch 1, all layers checkpointed, context doubled (then x1.5) until out of memory.
 Out-of-memory is recorded as a result, not raised.
@@ -197,10 +198,39 @@ def _generate_seconds(model, prompt: torch.Tensor, new_tokens: int, device: str,
     return _synchronize(device) - start
 
 
+def _compiled_step_seconds(step, model, batch: int, context: int, steps: int, device: str) -> float:
+    """Median time of one compiled greedy step on a static cache standing at `context` tokens."""
+    from transnormer_hf.cache_transnormer import TransNormerLLMStaticCache
+    from transnormer_hf.modeling_transnormer import CACHE_FIELD
+
+    cache = TransNormerLLMStaticCache(model.config)
+    token = torch.ones(batch, 1, dtype=torch.int64, device=device)
+    model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})  # eager: allocates the states at this batch
+    cache.seen_tokens = context  # only moves the LRPE angles; the state's size does not depend on it
+    times = []
+    for index in range(3 + steps):  # warm-up: compile (first batch size), graph capture
+        start = _synchronize(device)
+        token = step(input_ids=token, use_cache=True, **{CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+        if index >= 3:
+            times.append(_synchronize(device) - start)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def static_part(record: Recorder, args, config) -> None:
-    """Per-token generate() time: (t(short + n) - t(short)) / n, so the prefill and first-call compile drop out."""
+    """The compiled decode step (torch.compile "reduce-overhead": CUDA graphs) at each context and batch; then
+    generate() with cache_implementation="static" against the default cache, per token from two generation
+    lengths, (t(short + n) - t(short)) / n, so the prefill and the first call's compile drop out."""
     model = build("tnl", config, args.device).eval()
+    mode = "reduce-overhead" if args.device == "cuda" else None
+    step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    for batch in args.batches:
+        for context in args.decode_contexts:
+            started = time.perf_counter()
+            seconds = _compiled_step_seconds(step, model, batch, context, args.decode_steps, args.device)
+            record.add(dict(part="compiled_step", model="tnl", context=context, batch=batch, mode=mode,
+                            ms_per_token=round(1000 * seconds, 3), tokens_per_s=round(batch / seconds, 1),
+                            wall_s=round(time.perf_counter() - started, 1)))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     short, extra = 8, args.generate_tokens
@@ -213,7 +243,7 @@ def static_part(record: Recorder, args, config) -> None:
             first_call_s = time.perf_counter() - started
             short_s = min(_generate_seconds(model, prompt, short, args.device, **kwargs) for _ in range(2))
             long_s = min(_generate_seconds(model, prompt, short + extra, args.device, **kwargs) for _ in range(2))
-            record.add(dict(part="static", model="tnl", cache=cache, batch=batch, first_call_s=round(first_call_s, 1),
+            record.add(dict(part="generate", model="tnl", cache=cache, batch=batch, first_call_s=round(first_call_s, 1),
                             ms_per_token=round(1000 * (long_s - short_s) / extra, 3)))
     del model
     _fresh_memory(args.device)
@@ -328,7 +358,7 @@ def main() -> int:
     parser.add_argument("--decode-steps", type=int, default=10)
     parser.add_argument("--big-batch-context", type=int, default=32768)
     parser.add_argument("--big-batches", nargs="+", type=int, default=[256, 1024, 2048])
-    parser.add_argument("--static-batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--static-batches", nargs="+", type=int, default=[1], help="generate() batch sizes")
     parser.add_argument("--generate-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=32768)
     parser.add_argument("--longest-contexts", nargs="+", type=int,

@@ -89,27 +89,27 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = []
+    import peft
+    import transformers
+
+    record = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "setup": "Llama: quickstart.same_size_llama (parameter-matched, SDPA); LoRA r16 all-linear, bf16 autocast, "
+                 "gradient checkpointing, batch 1, AdamW; warm-up step excluded",
+        "results": [],
+    }
     for length in args.lengths:
         for kind in args.models:
             row = measure(kind, args.preset, length, args.steps, args.vocab_size, device)
-            results.append(row)
+            record["results"].append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        import peft
-        import transformers
-
-        record = {
-            "command": " ".join([sys.executable, *sys.argv]),
-            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "python": platform.python_version()},
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "setup": "Llama: quickstart.same_size_llama (parameter-matched, SDPA); LoRA r16 all-linear, bf16 autocast, gradient checkpointing, batch 1, AdamW; warm-up step excluded",
-            "results": results,
-        }
-        with open(args.out, "w") as handle:
-            json.dump(record, handle, indent=2)
+            if args.out:  # after every row, so a run cut short keeps what it measured
+                with open(args.out, "w") as handle:
+                    json.dump(record, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -388,7 +389,12 @@ def main() -> int:
     parts = {"train": train_part, "profile": profile_part, "decode": decode_part, "static": static_part,
              "prefill": prefill_part, "longest": longest_part}
     for part in args.parts:
-        parts[part](record, args, config)
+        try:
+            parts[part](record, args, config)
+        except Exception as error:  # one broken part must not lose the others' measurements
+            traceback.print_exc()
+            record.add(dict(part=part, error=repr(error)[:500]))
+            _fresh_memory(args.device)
     try:
         for written in plot(args.out):
             print(written)

@@ -48,20 +48,27 @@ _TRITON_MODULES: dict[str, object] = {}
 _TRITON_IMPORT_ERRORS: dict[str, str] = {}
 
 
+_TRITON_MODULE_NAMES = ("triton_lightning_attn", "triton_srms_norm", "triton_decode")
+
+
 @torch.compiler.assume_constant_result
-def _import_triton_module(name: str) -> bool:
-    # torch.compile cannot trace importlib; this runs eagerly at trace time, so dispatch stays in one graph.
-    if name not in _TRITON_MODULES and name not in _TRITON_IMPORT_ERRORS:
-        try:
-            _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
-        except ImportError as error:  # triton missing (macOS, CPU-only installs)
-            _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
-    return name in _TRITON_MODULES
+def _import_triton_modules() -> bool:
+    # torch.compile cannot trace importlib; this runs eagerly at trace time, so dispatch stays in one graph. All
+    # modules are imported at once: a traced graph sees these dicts as they were at its first read, so a module
+    # imported later in the same trace (the decode kernel, first used by a compiled step after an eager prefill)
+    # would look missing.
+    if not _TRITON_MODULES and not _TRITON_IMPORT_ERRORS:
+        for name in _TRITON_MODULE_NAMES:
+            try:
+                _TRITON_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+            except ImportError as error:  # triton missing (macOS, CPU-only installs)
+                _TRITON_IMPORT_ERRORS[name] = f"importing {name} failed: {error}"
+    return True
 
 
 def _triton_module(name: str):
-    """Import the Triton kernel module `name` of this package on first use; None (reason kept) on failure."""
-    _import_triton_module(name)
+    """The Triton kernel module `name` of this package (all are imported on first use); None (reason kept) on failure."""
+    _import_triton_modules()
     return _TRITON_MODULES.get(name)
 
 

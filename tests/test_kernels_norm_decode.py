@@ -169,3 +169,21 @@ def test_decode_op_traces_with_fullgraph_compile():
     step = torch.compile(lambda *a: lightning_attn_step(*a, backend="triton"), fullgraph=True, backend="aot_eager")
     for got, want in zip(step(q, k, v, rates, state), lightning_attn_step(q, k, v, rates, state, backend="triton")):
         torch.testing.assert_close(got, want)
+
+
+def test_kernels_first_used_inside_one_compiled_graph(monkeypatch):
+    """A compiled decode step after an eager prefill meets the decode kernel for the first time mid-trace."""
+    import transnormer_hf.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_TRITON_MODULES", {})  # as in a fresh process: nothing imported yet
+    monkeypatch.setattr(kernels, "_TRITON_IMPORT_ERRORS", {})
+    q, k, v = _decode_inputs(2, 2, 16, 16)
+    rates, state = torch.tensor([0.1, 0.2]), torch.randn(2, 2, 16, 16)
+
+    def norm_then_step(q, k, v, rates, state):
+        return lightning_attn_step(srms_norm(q, EPS, backend="triton"), k, v, rates, state, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(norm_then_step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, v, rates, state), norm_then_step(q, k, v, rates, state)):
+        torch.testing.assert_close(got, want)

@@ -217,6 +217,25 @@ def _compiled_step_seconds(step, model, batch: int, context: int, steps: int, de
     return statistics.median(times)
 
 
+def _profile_compiled_step(step, model, args, steps: int = 20) -> dict:
+    """GPU busy time and kernel count of the batch-1 compiled step, against its wall time: launch gaps or kernels?"""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _compiled_step_seconds(step, model, 1, 1024, 2, args.device)  # warm (graph already captured for batch 1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        wall = _compiled_step_seconds(step, model, 1, 1024, steps, args.device)
+    kernels = [event for event in profiler.key_averages() if event.device_type == DeviceType.CUDA]
+    busy = sum(event.self_device_time_total for event in kernels) / 1e3  # ms over the profiled steps
+    profiled_steps = 3 + steps + 1  # _compiled_step_seconds' warm-up and timed steps, and its eager first call
+    top = sorted(kernels, key=lambda event: event.self_device_time_total, reverse=True)[:10]
+    return dict(part="compiled_step_profile", model="tnl", batch=1, context=1024,
+                wall_ms_per_step=round(1000 * wall, 3), gpu_busy_ms_per_step=round(busy / profiled_steps, 3),
+                kernels_per_step=round(sum(event.count for event in kernels) / profiled_steps, 1),
+                top=[dict(name=event.key[:80], ms_per_step=round(event.self_device_time_total / 1e3 / profiled_steps, 4),
+                          count_per_step=round(event.count / profiled_steps, 1)) for event in top])
+
+
 @torch.no_grad()
 def static_part(record: Recorder, args, config) -> None:
     """The compiled decode step (torch.compile "reduce-overhead": CUDA graphs) at each context and batch; then
@@ -232,6 +251,8 @@ def static_part(record: Recorder, args, config) -> None:
             record.add(dict(part="compiled_step", model="tnl", context=context, batch=batch, mode=mode,
                             ms_per_token=round(1000 * seconds, 3), tokens_per_s=round(batch / seconds, 1),
                             wall_s=round(time.perf_counter() - started, 1)))
+    if args.device == "cuda":
+        record.add(_profile_compiled_step(step, model, args))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     short, extra = 8, args.generate_tokens

@@ -1,5 +1,5 @@
-"""Lightning Attention and SRMSNorm ops for TransNormerLLM: torch references plus Triton kernels; and the
-chunked linear + cross-entropy loss (torch only).
+"""Lightning Attention, SRMSNorm and the chunked linear + cross-entropy loss for TransNormerLLM: torch
+references plus Triton kernels.
 
 This package imports only torch, triton and the standard library. The public ops dispatch once,
 here: Triton for CUDA tensors when it is importable, otherwise the torch reference in
@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from .linear_cross_entropy import linear_cross_entropy
+from . import linear_cross_entropy as _linear_cross_entropy
+from .linear_cross_entropy import cross_entropy_rows_ref
 from .reference import (
     gated_srms_norm_ref,
     lightning_attn_chunk_ref,
@@ -38,6 +39,7 @@ __all__ = [
     "lightning_attn_recurrent_ref",
     "srms_norm_ref",
     "gated_srms_norm_ref",
+    "cross_entropy_rows_ref",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -48,7 +50,7 @@ _TRITON_MODULES: dict[str, object] = {}
 _TRITON_IMPORT_ERRORS: dict[str, str] = {}
 
 
-_TRITON_MODULE_NAMES = ("triton_lightning_attn", "triton_srms_norm", "triton_decode")
+_TRITON_MODULE_NAMES = ("triton_lightning_attn", "triton_srms_norm", "triton_decode", "triton_cross_entropy")
 
 
 @torch.compiler.assume_constant_result
@@ -179,3 +181,28 @@ def gated_srms_norm(x: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6, *, b
     if resolve_backend(backend, x.device, "triton_srms_norm") == "triton":
         return _triton_module("triton_srms_norm").gated_srms_norm(x, gate, eps)
     return gated_srms_norm_ref(x, gate, eps)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of hidden @ weight.T against labels without the (T, V) logits, `chunk_size` rows at a time.
+
+    hidden (T, D), weight (V, D), labels (T,) already shifted; the mean over non-ignored labels, or the sum
+    divided by `num_items_in_batch`. Each chunk's loss and softmax gradient run in one Triton pass on CUDA
+    (float64 always takes the torch path). See `linear_cross_entropy.linear_cross_entropy`.
+    """
+    rows_fn = cross_entropy_rows_ref
+    if hidden.dtype != torch.float64 and resolve_backend(backend, hidden.device, "triton_cross_entropy") == "triton":
+        rows_fn = _triton_module("triton_cross_entropy").cross_entropy_rows
+    return _linear_cross_entropy.linear_cross_entropy(
+        hidden, weight, labels, chunk_size=chunk_size, ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch, rows_fn=rows_fn,
+    )

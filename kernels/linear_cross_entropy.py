@@ -10,38 +10,52 @@ for hidden and a (V, D) fp32 accumulator for weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Tensor = torch.Tensor
 
 
+def cross_entropy_rows_ref(
+    logits: Tensor, labels: Tensor, ignore_index: int, want_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row loss logsumexp(x) - x[label] (fp32, 0 on ignored rows) and, when asked, its gradient with respect to
+    the logits, softmax - onehot (0 on ignored rows), in the logits' dtype. May reuse the logits' storage."""
+    input_dtype = logits.dtype
+    # Upcast as ForCausalLMLoss does: the bf16 rounding of the logits is the unfused head's.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = labels != ignore_index
+    targets = torch.where(valid, labels, 0)
+    log_normaliser = torch.logsumexp(logits, dim=-1)  # (C,)
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    row_loss = torch.where(valid, log_normaliser - target_logits, 0)
+    if not want_grad:
+        return row_loss, None
+    grad_logits = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, built in place in the fp32 buffer
+    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return row_loss, grad_logits.mul_(valid[:, None]).to(input_dtype)
+
+
 def _linear_cross_entropy_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, ignore_index: int,
-    need_hidden_grad: bool, need_weight_grad: bool,
+    need_hidden_grad: bool, need_weight_grad: bool, rows_fn,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The summed loss over non-ignored rows and, where asked, its gradients for hidden and weight (unscaled)."""
     accumulate_dtype = torch.promote_types(hidden.dtype, torch.float32)
     loss_sum = torch.zeros((), dtype=accumulate_dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype) if need_weight_grad else None
+    want_grad = need_hidden_grad or need_weight_grad
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        hidden_chunk, labels_chunk = hidden[rows], labels[rows]
-        # Logits in the input dtype (as nn.Linear, and autocast, compute them), then upcast as ForCausalLMLoss does:
-        # the bf16 rounding of the logits is the unfused head's.
-        logits = hidden_chunk @ weight.T  # (C, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        valid = labels_chunk != ignore_index
-        targets = torch.where(valid, labels_chunk, 0)
-        log_normaliser = torch.logsumexp(logits, dim=-1)  # (C,)
-        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
-        loss_sum += torch.where(valid, log_normaliser - target_logits, 0).sum()
-        if grad_hidden is None and grad_weight is None:
+        hidden_chunk = hidden[rows]
+        # Logits in the input dtype, as nn.Linear (and autocast) computes them.
+        row_loss, grad_logits = rows_fn(hidden_chunk @ weight.T, labels[rows], ignore_index, want_grad)
+        loss_sum += row_loss.sum()
+        if grad_logits is None:
             continue
-        # d(row loss)/d(logits) = softmax - onehot, zero on ignored rows; built in place in the logits buffer.
-        grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
-        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
-        grad_logits = grad_logits.mul_(valid[:, None]).to(hidden.dtype)
+        grad_logits = grad_logits.to(hidden.dtype)
         if grad_hidden is not None:
             grad_hidden[rows] = grad_logits @ weight
         if grad_weight is not None:
@@ -56,9 +70,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, ignore_index: int,
-                need_hidden_grad: bool, need_weight_grad: bool) -> Tensor:
+                need_hidden_grad: bool, need_weight_grad: bool, rows_fn) -> Tensor:
         loss_sum, grad_hidden, grad_weight = _linear_cross_entropy_fwd(
-            hidden, weight, labels, chunk_size, ignore_index, need_hidden_grad, need_weight_grad
+            hidden, weight, labels, chunk_size, ignore_index, need_hidden_grad, need_weight_grad, rows_fn
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss_sum
@@ -68,7 +82,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_output
         grad_weight = None if grad_weight is None else grad_weight * grad_output
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, num_items_in_batch: object) -> None:
@@ -97,6 +111,7 @@ def linear_cross_entropy(
     chunk_size: int,
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
+    rows_fn: Callable = cross_entropy_rows_ref,
 ) -> Tensor:
     """Cross-entropy of the logits hidden @ weight.T against labels, `chunk_size` rows at a time.
 
@@ -108,6 +123,8 @@ def linear_cross_entropy(
         num_items_in_batch: divide the summed loss by this (gradient accumulation); None means the number of
             non-ignored labels, i.e. the mean (nan, with zero gradients, when every label is ignored, as in
             F.cross_entropy).
+        rows_fn: the per-chunk loss and gradient, `cross_entropy_rows_ref` or its Triton twin (the package's
+            `linear_cross_entropy` picks it from its `backend`).
 
     Returns:
         The scalar loss in fp32 (float64 for float64 inputs).
@@ -116,7 +133,7 @@ def linear_cross_entropy(
     grad_enabled = torch.is_grad_enabled()
     loss_sum = LinearCrossEntropyFunction.apply(
         hidden, weight, labels, chunk_size, ignore_index,
-        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad, rows_fn,
     )
     if num_items_in_batch is None:  # the mean; nan with zero gradients when every label is ignored, as F.cross_entropy
         count = (labels != ignore_index).sum()

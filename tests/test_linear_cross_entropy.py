@@ -13,7 +13,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 
 from transnormer_hf import TransNormerLLMForCausalLM
 from transnormer_hf.data import PackedCollator, PaddedCollator, build_examples
-from transnormer_hf.kernels import linear_cross_entropy
+from transnormer_hf.kernels import cross_entropy_rows_ref, linear_cross_entropy
 
 # ---- the op -------------------------------------------------------------------------------------------------------
 
@@ -107,6 +107,47 @@ def test_op_bad_input_names_the_argument(change, message):
 def test_config_loss_chunk_size_must_be_a_non_negative_integer(value):
     with pytest.raises(ValueError, match=rf"loss_chunk_size must be a non-negative integer \(0 = off\); got {value!r}"):
         tiny_config(loss_chunk_size=value)
+
+
+# ---- the Triton rows kernel (CPU interpreter) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [7, 300, 5000], ids=["one-block", "masked-block", "two-blocks"])
+@pytest.mark.parametrize("want_grad", [True, False], ids=["grad", "loss-only"])
+def test_triton_rows_equal_the_torch_rows_in_fp32(vocab, want_grad):
+    from transnormer_hf.kernels.triton_cross_entropy import cross_entropy_rows
+
+    logits = 4 * torch.randn(6, vocab)
+    labels = torch.tensor([0, vocab - 1, -100, 3 % vocab, -100, vocab // 2])
+    ref_loss, ref_grad = cross_entropy_rows_ref(logits.double(), labels, -100, want_grad)
+    loss, grad = cross_entropy_rows(logits.clone(), labels, -100, want_grad)
+    assert_close_to_ref("loss", loss, ref_loss, rtol=1e-5)
+    assert (grad is None) == (not want_grad)
+    if want_grad:
+        assert_close_to_ref("grad", grad, ref_grad, rtol=1e-5)
+        assert grad[[2, 4]].abs().max() == 0  # ignored rows
+
+
+def test_triton_rows_in_bf16_overwrite_the_logits_with_their_gradient():
+    from transnormer_hf.kernels.triton_cross_entropy import cross_entropy_rows
+
+    logits = (3 * torch.randn(5, 300)).bfloat16()
+    labels = torch.tensor([1, -100, 299, 0, 17])
+    ref_loss, ref_grad = cross_entropy_rows_ref(logits.double(), labels, -100, True)
+    buffer = logits.clone()
+    loss, grad = cross_entropy_rows(buffer, labels, -100, True)
+    assert grad.data_ptr() == buffer.data_ptr() and grad.dtype == torch.bfloat16  # no second (rows, V) buffer
+    assert_close_to_ref("loss", loss, ref_loss, rtol=1e-5)  # fp32 math on the same bf16 logits
+    assert (grad.double() - ref_grad).abs().max() <= 2 ** -7  # one bf16 rounding (truncation in the interpreter)
+
+
+def test_linear_cross_entropy_triton_backend_equals_torch_backend():
+    hidden, weight, labels = _op_inputs(torch.float32, rows=21, width=16, vocab=300)
+    torch_path = _with_grads(linear_cross_entropy(hidden, weight, labels, chunk_size=8, backend="torch"), hidden, weight)
+    triton_path = _with_grads(linear_cross_entropy(hidden, weight, labels, chunk_size=8, backend="triton"),
+                              hidden, weight)
+    for got, want in zip(triton_path, torch_path):
+        assert rel_err(got, want) < 1e-5
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------

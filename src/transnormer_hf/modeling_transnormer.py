@@ -432,7 +432,7 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
         return linear_cross_entropy(
             hidden_states.reshape(-1, hidden_states.shape[-1]), self.lm_head.weight,  # (B * N, D)
             shift_labels.reshape(-1).to(hidden_states.device), chunk_size=self.config.loss_chunk_size,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=num_items_in_batch, backend=self.config.attention_backend,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:

@@ -22,6 +22,15 @@ keeping its slice of the state in fp32 registers: no per-chunk states are writte
 backward recomputes them, and the extra memory is only the outputs. Every decay factor is
 exp(-rate * distance) with distance >= 0, so no rate can overflow it.
 
+That grid is small when few long sequences meet few heads (TNL-1B at 32K: B=1, H=16, 2 slices = 32
+programs on 132 SMs) or when one long sequence dominates a varlen batch. Then `_sweep` cuts sequences
+into segments of L tokens (a power of two >= 512, sized so there are about two programs per SM) and
+runs each as a sequence of its own: because the state recurrence is linear, the state entering a
+segment is the decayed sum of the zero-start final states of the segments before it (after it, for
+the reverse sweeps) plus the decayed initial state. Pass 1 computes those partial states only (no
+outputs), one batched matmul carries them, pass 2 writes the outputs; two fp32 states per segment of
+extra memory. The split is taken only where it shortens the longest serial walk at least 2x.
+
 Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
 dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3
 on an H100); set TRITON_F32_DEFAULT=ieee before the first launch for exact fp32.
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -150,15 +160,16 @@ def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int, int]:
 _MIN_SEGMENT = 512  # tokens: shorter segments would gain less than the extra launch and states cost
 _SPLIT_GAIN = 2.0  # split only if the longest serial walk shrinks this much (pass 1 costs about half a sweep)
 _MAX_SEGMENT_PROGRAMS = 4  # at most this many target-grids of segment programs; bounds the fp32 segment states
-_TARGET_PROGRAMS_OFF_CUDA = 264  # 2 x an H100's 132 SMs, so that the interpreter tests take the split path
+_PROGRAMS_PER_SM = 2  # a 4-warp program alone cannot use an SM's share of HBM bandwidth
+_TARGET_PROGRAMS_OFF_CUDA = 264  # as on an H100 (132 SMs), so that the interpreter tests take the split path
 
 
 @functools.lru_cache(maxsize=None)
 def _target_programs(device: torch.device) -> int:
-    """Programs that keep the GPU busy: two per SM (a 4-warp program alone cannot fill an SM's share of HBM)."""
+    """How many programs keep the device busy."""
     if device.type != "cuda":
         return _TARGET_PROGRAMS_OFF_CUDA
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _segment_length(total_tokens: int, longest: int, programs_per_segment: int, target: int) -> int | None:
@@ -189,14 +200,13 @@ class _SegmentPlan(NamedTuple):
     target_seqs: torch.Tensor  # (T,) int64: the target's sequence, to pick its state_in
 
 
-@functools.lru_cache(maxsize=64)
 def _segment_plan(bounds: tuple[tuple[int, int], ...], length: int, reverse: bool, with_exits: bool,
                   device: torch.device) -> _SegmentPlan:
     """The plan for sequences [bos, eos) cut every `length` tokens from bos (so segments keep the unsplit
-    chunk boundaries). Built on the host, one copy to the device; cached, so a fixed shape copies once."""
+    chunk boundaries). Built on the host, one copy to the device."""
     segments = [(start, min(start + length, eos), seq)
                 for seq, (bos, eos) in enumerate(bounds) for start in range(bos, eos, length)]
-    # (position, sequence, distance from the sequence's start, or from its end in reverse)
+    # targets: (position, sequence, tokens from the sequence's start, or from its end in reverse)
     if reverse:  # partial states carry to earlier segments; the first segment's reaches only the exit
         sources = [seg for seg in segments if seg[0] > bounds[seg[2]][0] or with_exits]
         targets = [(end, seq, bounds[seq][1] - end) for _, end, seq in segments]
@@ -220,8 +230,13 @@ def _segment_plan(bounds: tuple[tuple[int, int], ...], length: int, reverse: boo
                         origin_distances.float(), target_seqs)
 
 
-def _plan_split(total_tokens: int, programs_per_segment: int, host_cu_seqlens, seq_len: int, num_seqs: int,
-                reverse: bool, with_exits: bool, device: torch.device) -> _SegmentPlan | None:
+# Fixed-length shapes repeat every step (and a CUDA graph replay must not copy); varlen batches rarely do.
+_fixed_length_segment_plan = functools.lru_cache(maxsize=32)(_segment_plan)
+
+
+def _plan_split(total_tokens: int, programs_per_segment: int, host_cu_seqlens: Callable[[], list[int]] | None,
+                seq_len: int, num_seqs: int, reverse: bool, with_exits: bool,
+                device: torch.device) -> _SegmentPlan | None:
     """A split plan when the (c slices, sequences, heads) grid would leave the GPU underused, else None.
     Varlen input needs its lengths on the host: `host_cu_seqlens()` (a cached `.tolist()`, one device sync
     per op call) is called only when a split is possible at all."""
@@ -229,8 +244,10 @@ def _plan_split(total_tokens: int, programs_per_segment: int, host_cu_seqlens, s
     longest = seq_len if host_cu_seqlens is None else total_tokens  # varlen: an upper bound before the sync
     if _segment_length(total_tokens, longest, programs_per_segment, target) is None:
         return None
+    build_plan = _segment_plan
     if host_cu_seqlens is None:
         bounds = tuple((seq * seq_len, (seq + 1) * seq_len) for seq in range(num_seqs))
+        build_plan = _fixed_length_segment_plan
     else:
         boundaries = host_cu_seqlens()
         bounds = tuple(zip(boundaries[:-1], boundaries[1:]))
@@ -241,7 +258,7 @@ def _plan_split(total_tokens: int, programs_per_segment: int, host_cu_seqlens, s
     num_segments = sum(-(-(eos - bos) // length) for bos, eos in bounds)
     if num_segments * programs_per_segment > _MAX_SEGMENT_PROGRAMS * target:
         return None
-    return _segment_plan(bounds, length, reverse, with_exits, device)
+    return build_plan(bounds, length, reverse, with_exits, device)
 
 
 def _carry_states(partial: torch.Tensor, plan: _SegmentPlan, state_in: torch.Tensor | None,

@@ -263,10 +263,12 @@ def _plan_split(total_tokens: int, programs_per_segment: int, host_cu_seqlens: C
 
 def _carry_states(partial: torch.Tensor, plan: _SegmentPlan, state_in: torch.Tensor | None,
                   rates: torch.Tensor) -> torch.Tensor:
-    """(T, H, A, C) fp32 states at the plan's targets: the decayed sum of the partial states that reach each
-    target, plus the decayed state_in of its sequence. One batched matmul over heads, no loop over segments."""
+    """(T, H, A, C) fp32 states at the plan's targets from the (H, S, A, C) partial states: the decayed sum of
+    those that reach each target, plus the decayed state_in of its sequence. One matmul per head, no loop
+    over segments."""
+    heads, _, dim_a, dim_c = partial.shape
     weights = torch.exp(-rates[:, None, None] * plan.distances) * plan.reaches  # (H, T, S)
-    states = torch.einsum("hts,shac->thac", weights, partial)
+    states = torch.bmm(weights, partial.flatten(2)).view(heads, -1, dim_a, dim_c).transpose(0, 1)
     if state_in is not None:
         origin_weights = torch.exp(-rates[None, :] * plan.origin_distances[:, None])  # (T, H)
         states += origin_weights[:, :, None, None] * state_in[plan.target_seqs]
@@ -321,8 +323,9 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num
         sweep(state_in, state_out, seq_bounds, seq_len=seq_len, num_seqs=num_seqs, store_out=True)
         return
     num_segments, num_sources = plan.starts.numel(), plan.source_starts.numel()
-    partial = a.new_empty((num_sources, heads, dim_a, dim_c), dtype=torch.float32)
-    sweep(None, partial, (plan.source_starts, plan.source_ends), seq_len=0, num_seqs=num_sources, store_out=False)
+    partial = a.new_empty((heads, num_sources, dim_a, dim_c), dtype=torch.float32)  # head-major for the carry
+    sweep(None, partial.transpose(0, 1), (plan.source_starts, plan.source_ends), seq_len=0, num_seqs=num_sources,
+          store_out=False)
     carried = _carry_states(partial, plan, state_in, rates)
     sweep(carried[:num_segments], None, (plan.starts, plan.ends), seq_len=0, num_seqs=num_segments,
           store_out=True)

@@ -22,6 +22,15 @@ keeping its slice of the state in fp32 registers: no per-chunk states are writte
 backward recomputes them, and the extra memory is only the outputs. Every decay factor is
 exp(-rate * distance) with distance >= 0, so no rate can overflow it.
 
+That grid is small when few long sequences meet few heads (TNL-1B at 32K: B=1, H=16, 2 slices = 32
+programs on 132 SMs) or when one long sequence dominates a varlen batch. Then `_sweep` cuts sequences
+into segments of L tokens (a power of two >= 512, sized so there are about two programs per SM) and
+runs each as a sequence of its own: because the state recurrence is linear, the state entering a
+segment is the decayed sum of the zero-start final states of the segments before it (after it, for
+the reverse sweeps) plus the decayed initial state. Pass 1 computes those partial states only (no
+outputs), one batched matmul carries them, pass 2 writes the outputs; two fp32 states per segment of
+extra memory. The split is taken only where it shortens the longest serial walk at least 2x.
+
 Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
 dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3
 on an H100); set TRITON_F32_DEFAULT=ieee before the first launch for exact fp32.
@@ -29,7 +38,10 @@ on an H100); set TRITON_F32_DEFAULT=ieee before the first launch for exact fp32.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -41,7 +53,7 @@ CHUNK_SIZE = 64
 
 @triton.jit
 def _lightning_attn_sweep_kernel(
-    a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, cu_seqlens_ptr,
+    a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
     seq_len,
     stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
     stride_si_n, stride_si_h, stride_si_a, stride_si_c,
@@ -49,13 +61,17 @@ def _lightning_attn_sweep_kernel(
     intra_scale, inter_scale, update_scale,
     DIM_A: tl.constexpr, DIM_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
     CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
-    VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out[t, h, slice] for one (c-slice, sequence, head); see the module docstring for the roles of a, b, c."""
+    """out[t, h, slice] for one (c-slice, sequence, head); see the module docstring for the roles of a, b, c.
+
+    Sequence i_n is tokens [seq_starts[i_n], seq_ends[i_n]) when VARLEN, else [i_n * seq_len, ...).
+    Without STORE_OUT only the final state is computed (the split's pass 1): `a` is never read.
+    """
     i_c, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN:
-        bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int64)
+        bos = tl.load(seq_starts_ptr + i_n).to(tl.int64)
+        eos = tl.load(seq_ends_ptr + i_n).to(tl.int64)
     else:
         bos = i_n.to(tl.int64) * seq_len
         eos = bos + seq_len
@@ -96,25 +112,27 @@ def _lightning_attn_sweep_kernel(
         size = tl.minimum(eos - t0, CHUNK).to(tl.int32)
         m_r = o_r < size
         rows = (t0 + o_r)[:, None]
-        b_a = tl.load(p_a0 + rows * stride_a_t, mask=m_r[:, None] & m_a[None, :], other=0.0)
         b_b = tl.load(p_b0 + rows * stride_b_t, mask=m_r[:, None] & m_a[None, :], other=0.0)
         b_c = tl.load(p_c0 + rows * stride_c_t, mask=m_r[:, None] & m_c[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16 arithmetic is wrong; fp32 everywhere there
-            b_a, b_b, b_c = b_a.to(tl.float32), b_b.to(tl.float32), b_c.to(tl.float32)
+            b_b, b_c = b_b.to(tl.float32), b_c.to(tl.float32)
         if REVERSE:
             out_exp = size - 1 - o_r
             update_exp = o_r + 1
         else:
             out_exp = o_r + 1
             update_exp = size - 1 - o_r
-        out_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, out_exp, 0).to(tl.float32)), 0.0)
+        if STORE_OUT:
+            b_a = tl.load(p_a0 + rows * stride_a_t, mask=m_r[:, None] & m_a[None, :], other=0.0)
+            if UPCAST:
+                b_a = b_a.to(tl.float32)
+            out_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, out_exp, 0).to(tl.float32)), 0.0)
+            b_scores = tl.dot(b_a, tl.trans(b_b)) * intra_decay  # (CHUNK, CHUNK) fp32
+            b_out = tl.dot(b_scores.to(b_c.dtype), b_c)
+            b_out += tl.dot(b_a, b_state.to(b_a.dtype)) * (out_decay * inter_scale)[:, None]
+            tl.store(p_o0 + rows * stride_o_t, b_out.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
         update_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, update_exp, 0).to(tl.float32)), 0.0)
-
-        b_scores = tl.dot(b_a, tl.trans(b_b)) * intra_decay  # (CHUNK, CHUNK) fp32
-        b_out = tl.dot(b_scores.to(b_c.dtype), b_c)
-        b_out += tl.dot(b_a, b_state.to(b_a.dtype)) * (out_decay * inter_scale)[:, None]
-        tl.store(p_o0 + rows * stride_o_t, b_out.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-
         b_b_decayed = (b_b * (update_decay * update_scale)[:, None]).to(b_c.dtype)
         b_state = b_state * tl.exp2(log2_decay * size.to(tl.float32)) + tl.dot(tl.trans(b_b_decayed), b_c)
 
@@ -137,32 +155,182 @@ def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int, int]:
     return block_a, block_c, 8, 3
 
 
-def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num_seqs,
-           scales, reverse, transpose_state):
-    """Launch the sweep kernel over (c slices, sequences, heads). States are (seqs, H, d_k, d_v) fp32;
-    `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps."""
+# ---- splitting long sequences into segments (more programs when the natural grid is too small) ----
+
+_MIN_SEGMENT = 512  # tokens: shorter segments would gain less than the extra launch and states cost
+_SPLIT_GAIN = 2.0  # split only if the longest serial walk shrinks this much (pass 1 costs about half a sweep)
+_MAX_SEGMENT_PROGRAMS = 4  # at most this many target-grids of segment programs; bounds the fp32 segment states
+_PROGRAMS_PER_SM = 2  # a 4-warp program alone cannot use an SM's share of HBM bandwidth
+_TARGET_PROGRAMS_OFF_CUDA = 264  # as on an H100 (132 SMs), so that the interpreter tests take the split path
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """How many programs keep the device busy."""
+    if device.type != "cuda":
+        return _TARGET_PROGRAMS_OFF_CUDA
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _segment_length(total_tokens: int, longest: int, programs_per_segment: int, target: int) -> int | None:
+    """Tokens per segment (a power of two >= _MIN_SEGMENT, so a multiple of CHUNK_SIZE), or None for no split.
+
+    `balanced` is each program's share if the work spread evenly over `target` programs; segments of
+    about that length (rounded down to a power of two, so there are at least `target` programs) make
+    the longest serial walk about `balanced`. Without a split it is `longest`.
+    """
+    balanced = total_tokens * programs_per_segment / target
+    length = max(_MIN_SEGMENT, 1 << (max(int(balanced), 1).bit_length() - 1))
+    return length if longest > _SPLIT_GAIN * max(length, balanced) else None
+
+
+class _SegmentPlan(NamedTuple):
+    """Device tensors describing one split. Segments are [starts[g], ends[g]); sources are the segments whose
+    zero-start final state ("partial state") some target needs; targets are the boundaries where the carried
+    state is wanted: each segment's entry (its start forward, its end in reverse), then each sequence's exit
+    (its end forward, its start in reverse) when the caller wants the sweep's final state."""
+
+    starts: torch.Tensor  # (G,) int64
+    ends: torch.Tensor  # (G,) int64
+    source_starts: torch.Tensor  # (S,) int64
+    source_ends: torch.Tensor  # (S,) int64
+    distances: torch.Tensor  # (T, S) fp32: tokens from source to target, the decay exponent (0 where not reached)
+    reaches: torch.Tensor  # (T, S) bool: the source is in the target's sequence and before it (after it in reverse)
+    origin_distances: torch.Tensor  # (T,) fp32: tokens from the sequence's start (end in reverse) to the target
+    target_seqs: torch.Tensor  # (T,) int64: the target's sequence, to pick its state_in
+
+
+def _segment_plan(bounds: tuple[tuple[int, int], ...], length: int, reverse: bool, with_exits: bool,
+                  device: torch.device) -> _SegmentPlan:
+    """The plan for sequences [bos, eos) cut every `length` tokens from bos (so segments keep the unsplit
+    chunk boundaries). Built on the host, one copy to the device."""
+    segments = [(start, min(start + length, eos), seq)
+                for seq, (bos, eos) in enumerate(bounds) for start in range(bos, eos, length)]
+    # targets: (position, sequence, tokens from the sequence's start, or from its end in reverse)
+    if reverse:  # partial states carry to earlier segments; the first segment's reaches only the exit
+        sources = [seg for seg in segments if seg[0] > bounds[seg[2]][0] or with_exits]
+        targets = [(end, seq, bounds[seq][1] - end) for _, end, seq in segments]
+        exits = [(bos, seq, eos - bos) for seq, (bos, eos) in enumerate(bounds)]
+    else:  # partial states carry to later segments; the last segment's reaches only the exit
+        sources = [seg for seg in segments if seg[1] < bounds[seg[2]][1] or with_exits]
+        targets = [(start, seq, start - bounds[seq][0]) for start, _, seq in segments]
+        exits = [(eos, seq, eos - bos) for seq, (bos, eos) in enumerate(bounds)]
+    if with_exits:
+        targets += exits
+    columns = (*zip(*segments), *zip(*sources), *zip(*targets))
+    flat = torch.tensor([x for column in columns for x in column], dtype=torch.int64).to(device)
+    (starts, ends, _, source_starts, source_ends, source_seqs,
+     target_positions, target_seqs, origin_distances) = flat.split([len(column) for column in columns])
+    if reverse:
+        distances = source_starts[None, :] - target_positions[:, None]
+    else:
+        distances = target_positions[:, None] - source_ends[None, :]
+    reaches = (target_seqs[:, None] == source_seqs[None, :]) & (distances >= 0)
+    return _SegmentPlan(starts, ends, source_starts, source_ends, distances.clamp(min=0).float(), reaches,
+                        origin_distances.float(), target_seqs)
+
+
+# Fixed-length shapes repeat every step (and a CUDA graph replay must not copy); varlen batches rarely do.
+_fixed_length_segment_plan = functools.lru_cache(maxsize=32)(_segment_plan)
+
+
+def _plan_split(total_tokens: int, programs_per_segment: int, host_cu_seqlens: Callable[[], list[int]] | None,
+                seq_len: int, num_seqs: int, reverse: bool, with_exits: bool,
+                device: torch.device) -> _SegmentPlan | None:
+    """A split plan when the (c slices, sequences, heads) grid would leave the GPU underused, else None.
+    Varlen input needs its lengths on the host: `host_cu_seqlens()` (a cached `.tolist()`, one device sync
+    per op call) is called only when a split is possible at all."""
+    target = _target_programs(device)
+    longest = seq_len if host_cu_seqlens is None else total_tokens  # varlen: an upper bound before the sync
+    if _segment_length(total_tokens, longest, programs_per_segment, target) is None:
+        return None
+    build_plan = _segment_plan
+    if host_cu_seqlens is None:
+        bounds = tuple((seq * seq_len, (seq + 1) * seq_len) for seq in range(num_seqs))
+        build_plan = _fixed_length_segment_plan
+    else:
+        boundaries = host_cu_seqlens()
+        bounds = tuple(zip(boundaries[:-1], boundaries[1:]))
+        longest = max(eos - bos for bos, eos in bounds)
+    length = _segment_length(total_tokens, longest, programs_per_segment, target)
+    if length is None:
+        return None
+    num_segments = sum(-(-(eos - bos) // length) for bos, eos in bounds)
+    if num_segments * programs_per_segment > _MAX_SEGMENT_PROGRAMS * target:
+        return None
+    return build_plan(bounds, length, reverse, with_exits, device)
+
+
+def _carry_states(partial: torch.Tensor, plan: _SegmentPlan, state_in: torch.Tensor | None,
+                  rates: torch.Tensor) -> torch.Tensor:
+    """(T, H, A, C) fp32 states at the plan's targets from the (H, S, A, C) partial states: the decayed sum of
+    those that reach each target, plus the decayed state_in of its sequence. One matmul per head, no loop
+    over segments."""
+    heads, _, dim_a, dim_c = partial.shape
+    weights = torch.exp(-rates[:, None, None] * plan.distances) * plan.reaches  # (H, T, S)
+    states = torch.bmm(weights, partial.flatten(2)).view(heads, -1, dim_a, dim_c).transpose(0, 1)
+    if state_in is not None:
+        origin_weights = torch.exp(-rates[None, :] * plan.origin_distances[:, None])  # (T, H)
+        states += origin_weights[:, :, None, None] * state_in[plan.target_seqs]
+    return states
+
+
+def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_len, num_seqs, scales,
+                  reverse, store_out):
+    """One launch over (c slices, sequences, heads). States are fp32 (seqs, H, dim_a, dim_c) views of any
+    strides; `seq_bounds` is (starts, ends) of each sequence, or None for num_seqs runs of seq_len tokens."""
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
     block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c)
-
-    def state_strides(state):
-        if state is None:
-            return (0, 0, 0, 0)
-        n, h, row, col = state.stride()
-        return (n, h, col, row) if transpose_state else (n, h, row, col)
-
+    seq_starts, seq_ends = seq_bounds if seq_bounds is not None else (None, None)
+    no_strides = (0, 0, 0, 0)
     grid = (triton.cdiv(dim_c, block_c), num_seqs, heads)
     _lightning_attn_sweep_kernel[grid](
-        a, b, c, out, rates, state_in, state_out, cu_seqlens,
+        a, b, c, out, rates, state_in, state_out, seq_starts, seq_ends,
         seq_len,
         a.stride(-3), a.stride(-2), b.stride(-3), b.stride(-2), c.stride(-3), c.stride(-2),
         out.stride(-3), out.stride(-2),
-        *state_strides(state_in), *state_strides(state_out),
+        *(state_in.stride() if state_in is not None else no_strides),
+        *(state_out.stride() if state_out is not None else no_strides),
         *scales,
         DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, CHUNK=CHUNK_SIZE,
         REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
-        VARLEN=cu_seqlens is not None, UPCAST=_INTERPRET,
+        STORE_OUT=store_out, VARLEN=seq_bounds is not None, UPCAST=_INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num_seqs,
+           scales, reverse, transpose_state, host_cu_seqlens):
+    """Compute `out` (and `state_out`) of one sweep. States are (seqs, H, d_k, d_v) fp32; `transpose_state`
+    reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps.
+
+    When the natural grid (c slices, sequences, heads) is too small for the GPU and a sequence is long
+    (`_plan_split`), sequences are cut into segments that run as programs of their own, in three steps:
+    pass 1 sweeps each segment from a zero state and keeps only its final ("partial") state; the state
+    entering each segment is then the decayed sum of the partial states of the segments before it (after
+    it in reverse) plus the decayed state_in (`_carry_states`, one matmul); pass 2 sweeps the segments
+    again from those states and writes `out`. The extra memory is two fp32 states per segment.
+    """
+    if transpose_state:  # the kernel's (dim_a, dim_c) = (d_v, d_k): swap strides, not data
+        state_in, state_out = (s.transpose(-1, -2) if s is not None else None for s in (state_in, state_out))
+    sweep = functools.partial(_launch_sweep, a, b, c, out, rates, scales=scales, reverse=reverse)
+    heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
+    c_slices = triton.cdiv(dim_c, _launch_config(dim_a, dim_c)[1])
+    plan = _plan_split(a.shape[0], c_slices * heads, host_cu_seqlens, seq_len, num_seqs, reverse,
+                       state_out is not None, a.device)
+    if plan is None:
+        seq_bounds = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else None
+        sweep(state_in, state_out, seq_bounds, seq_len=seq_len, num_seqs=num_seqs, store_out=True)
+        return
+    num_segments, num_sources = plan.starts.numel(), plan.source_starts.numel()
+    partial = a.new_empty((heads, num_sources, dim_a, dim_c), dtype=torch.float32)  # head-major for the carry
+    sweep(None, partial.transpose(0, 1), (plan.source_starts, plan.source_ends), seq_len=0, num_seqs=num_sources,
+          store_out=False)
+    carried = _carry_states(partial, plan, state_in, rates)
+    sweep(carried[:num_segments], None, (plan.starts, plan.ends), seq_len=0, num_seqs=num_segments,
+          store_out=True)
+    if state_out is not None:
+        state_out.copy_(carried[num_segments:])
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -178,42 +346,41 @@ def _state_or_empty(wanted: bool, num_seqs: int, q: torch.Tensor, v: torch.Tenso
     return q.new_empty(shape, dtype=torch.float32)
 
 
-def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int]:
-    """(tokens per sequence for the fixed-length layout, number of sequences)."""
+def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> dict:
+    """`_sweep`'s sequence arguments: tokens per sequence for the fixed-length layout, number of sequences,
+    and for varlen a cached `cu_seqlens.tolist()` (called only if a sweep may split)."""
     if cu_seqlens is None:
-        return q.shape[1], q.shape[0]
-    return 0, cu_seqlens.numel() - 1
+        return dict(seq_len=q.shape[1], num_seqs=q.shape[0], host_cu_seqlens=None)
+    return dict(seq_len=0, num_seqs=cu_seqlens.numel() - 1, host_cu_seqlens=functools.cache(cu_seqlens.tolist))
 
 
 def _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
     """Returns (o in v's dtype, final state fp32 (seqs, H, d_k, d_v), or an empty tensor when not asked)."""
     heads = q.shape[2]
-    seq_len, num_seqs = _sequences(q, cu_seqlens)
+    sequences = _sequences(q, cu_seqlens)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    final_state = _state_or_empty(output_final_state, num_seqs, q, v)
+    final_state = _state_or_empty(output_final_state, sequences["num_seqs"], q, v)
     _sweep(_flat(q), _flat(k), _flat(v), o.view(-1, heads, v.shape[-1]), decay_rates, initial_state,
            final_state if output_final_state else None,
-           cu_seqlens, seq_len=seq_len, num_seqs=num_seqs, scales=(scale, scale, 1.0), reverse=False,
-           transpose_state=False)
+           cu_seqlens, scales=(scale, scale, 1.0), reverse=False, transpose_state=False, **sequences)
     return o, final_state
 
 
 def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht):
     """Returns (dq, dk, dv, dh0 fp32 (seqs, H, d_k, d_v)); states are recomputed, none is stored."""
     heads = q.shape[2]
-    seq_len, num_seqs = _sequences(q, cu_seqlens)
+    sequences = _sequences(q, cu_seqlens)
     shapes = (q.shape, k.shape, v.shape)
     q, k, v, do = _flat(q), _flat(k), _flat(v), _flat(do)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    dh0 = _state_or_empty(initial_state is not None, num_seqs, q, v)
-    common = dict(seq_len=seq_len, num_seqs=num_seqs)
+    dh0 = _state_or_empty(initial_state is not None, sequences["num_seqs"], q, v)
     _sweep(do, v, k, dq, decay_rates, initial_state, None, cu_seqlens, scales=(scale, scale, 1.0),
-           reverse=False, transpose_state=True, **common)
+           reverse=False, transpose_state=True, **sequences)
     _sweep(k, q, do, dv, decay_rates, dht, dh0 if initial_state is not None else None, cu_seqlens,
            scales=(scale, 1.0, scale),
-           reverse=True, transpose_state=False, **common)
+           reverse=True, transpose_state=False, **sequences)
     _sweep(v, do, q, dk, decay_rates, dht, None, cu_seqlens, scales=(scale, 1.0, scale),
-           reverse=True, transpose_state=True, **common)
+           reverse=True, transpose_state=True, **sequences)
     dq, dk, dv = (grad.view(shape) for grad, shape in zip((dq, dk, dv), shapes))
     return dq, dk, dv, dh0
 

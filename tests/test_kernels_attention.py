@@ -12,6 +12,7 @@ from checks import rel_err
 
 from transnormer_hf import kernels
 from transnormer_hf.kernels import lightning_attn, lightning_attn_parallel_ref
+from transnormer_hf.kernels import triton_lightning_attn as triton_module
 
 # The interpreter runs fp32 exactly; bf16/fp16 outputs (and P, the state) are rounded to 8/11 bits.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
@@ -118,3 +119,76 @@ def test_auto_backend_keeps_cpu_tensors_on_the_torch_reference():
     assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert kernels.resolve_backend("triton", torch.device("cpu")) == "triton"
     assert callable(kernels.lightning_attn) and kernels.lightning_attn is lightning_attn
+
+
+# ---- splitting long sequences into segments (the kernel's path for small grids) ----
+
+
+@pytest.fixture
+def split_launches(monkeypatch):
+    """Segments of 64 tokens for the tiny shapes here; yields the list of pass-1 launches (segment counts),
+    so a test can check that the split really ran."""
+    monkeypatch.setattr(triton_module, "_MIN_SEGMENT", 64)
+    pass1_segments = []
+    launch = triton_module._launch_sweep
+
+    def recording_launch(*args, store_out, num_seqs, **kwargs):
+        if not store_out:
+            pass1_segments.append(num_seqs)
+        return launch(*args, store_out=store_out, num_seqs=num_seqs, **kwargs)
+
+    monkeypatch.setattr(triton_module, "_launch_sweep", recording_launch)
+    return pass1_segments
+
+
+def _run_without_states(fn, inputs, rates, do, **kwargs):
+    q, k, v, _ = inputs
+    o, _ = fn(q, k, v, rates, **kwargs)
+    return (o, *torch.autograd.grad((o.double() * do).sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("with_states", [True, False])
+@pytest.mark.parametrize("length, key_dim, value_dim", [(200, 32, 16), (150, 24, 24)])
+def test_split_sequences_against_float64_and_unsplit(split_launches, monkeypatch, with_states, length,
+                                                     key_dim, value_dim):
+    # N not a multiple of the 64-token segment (4 and 3 segments): the last one is a partial chunk.
+    inputs, rates = _inputs(2, length, 3, key_dim, value_dim, torch.float32)
+    do = torch.randn(2, length, 3, value_dim, dtype=torch.float64)
+    dht = torch.randn(2, 3, key_dim, value_dim, dtype=torch.float64)
+    if with_states:
+        names, run = NAMES, lambda fn, inputs, **kw: _run(fn, inputs, rates, do, dht, **kw)
+    else:
+        names, run = ("o", "dq", "dk", "dv"), lambda fn, inputs, **kw: _run_without_states(fn, inputs, rates, do, **kw)
+    got = run(lightning_attn, inputs, backend="triton")
+    assert len(split_launches) == 4 and min(split_launches) > 0, f"pass-1 launches: {split_launches}"
+    truth = run(lightning_attn_parallel_ref, [x.detach().double().requires_grad_() for x in inputs])
+    _check(names, got, truth, TOLERANCE[torch.float32])
+
+    monkeypatch.setattr(triton_module, "_MIN_SEGMENT", 4096)  # no split
+    unsplit = run(lightning_attn, inputs, backend="triton")
+    assert len(split_launches) == 4
+    _check(names, got, unsplit, 1e-6)
+
+
+def test_split_varlen_skewed_lengths_with_states(split_launches):
+    # One 300-token sequence (5 segments) among a 1-token, an empty, a 20- and a 46-token one.
+    cu_seqlens = torch.tensor([0, 300, 301, 301, 321, 367])
+    inputs, rates = _inputs(1, 367, 2, 32, 16, torch.float32, num_states=5)
+    do = torch.randn(1, 367, 2, 16, dtype=torch.float64)
+    dht = torch.randn(5, 2, 32, 16, dtype=torch.float64)
+    got = _run(lightning_attn, inputs, rates, do, dht, cu_seqlens=cu_seqlens, backend="triton")
+    assert len(split_launches) == 4, f"pass-1 launches: {split_launches}"
+    truth = _run(lightning_attn_parallel_ref, [x.detach().double().requires_grad_() for x in inputs],
+                 rates, do, dht, cu_seqlens=cu_seqlens)
+    _check(NAMES, got, truth, TOLERANCE[torch.float32])
+
+
+def test_split_policy_on_gpu_sized_problems():
+    target = 264  # two programs per SM of an H100
+    # TNL-1B at 32K: B=1, H=16, 2 value slices = 32 programs -> 16 segments of 2048 tokens (512 programs).
+    assert triton_module._segment_length(32768, 32768, 32, target) == 2048
+    # B=4, H=32 at 32K already has 256 programs: no split. Nor for 2K context at B=16.
+    assert triton_module._segment_length(4 * 32768, 32768, 64, target) is None
+    assert triton_module._segment_length(16 * 2048, 2048, 32, target) is None
+    # Varlen, 16K + 9 x 1820 tokens, H=32: the long sequence is cut into 4096-token segments.
+    assert triton_module._segment_length(16384 + 9 * 1820, 16384, 64, target) == 4096

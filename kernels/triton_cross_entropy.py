@@ -19,9 +19,6 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-_FAR_BELOW = -1.0e30  # the running max starts here rather than at -inf, so no lane ever computes -inf - -inf
-
-
 @triton.jit
 def _cross_entropy_rows_kernel(
     LOGITS, LABELS, LOSS,
@@ -36,7 +33,8 @@ def _cross_entropy_rows_kernel(
     valid = label != ignore_index
     target = tl.where(valid, label, 0)
 
-    running_max = tl.full([BLOCK_V], _FAR_BELOW, tl.float32)
+    # The running max starts far below any logit but finite, so no lane ever computes -inf - -inf.
+    running_max = tl.full([BLOCK_V], -1.0e30, tl.float32)
     running_sum = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, vocab_size, BLOCK_V):
         m_v = start + o_v < vocab_size

@@ -1,7 +1,7 @@
 """Whole-model performance, TNL against a same-size Llama (SDPA), both in one run: training, decoding, prefill.
 
     python benchmarks/model.py --shape 1B --out benchmarks/results/model_1b_h100.json
-    python benchmarks/model.py --plot benchmarks/results/model_1b_h100.json      # plots from a JSON, any machine
+    python benchmarks/model.py --plot benchmarks/results/model_1b_h100.json [more.json]  # plots, any machine
     python benchmarks/model.py --shape tiny --device cpu --out /tmp/smoke.json    # a CPU smoke run
 
 Parts (`--parts`, default all; every row is written to the JSON as soon as it is measured):
@@ -318,14 +318,16 @@ def longest_part(record: Recorder, args, config) -> None:
         _fresh_memory(args.device)
 
 
-def plot(path: Path) -> list[Path]:
-    """Tokens/s against context (training) and ms per token against context (decode), from a results JSON."""
+def plot(paths: list[Path]) -> list[Path]:
+    """Tokens/s against context (training) and ms per token against context (eager and compiled decode), from the
+    rows of one or more results JSONs; the PNGs go beside the first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = json.loads(path.read_text())["rows"]
+    path = paths[0]
+    rows = [row for each in paths for row in json.loads(each.read_text())["rows"]]
     written = []
     train = [row for row in rows if row["part"] == "train" and row.get("result") == "ok"]
     if train:
@@ -339,16 +341,18 @@ def plot(path: Path) -> list[Path]:
         written.append(path.with_name(path.stem + "_train.png"))
         figure.tight_layout()
         figure.savefig(written[-1], dpi=120)
-    decode = [row for row in rows if row["part"] == "decode" and row.get("result") == "ok"]
+    decode = [row for row in rows if row["part"] == "compiled_step"
+              or (row["part"] == "decode" and row.get("result") == "ok")]
     if decode:
         figure, axis = plt.subplots(figsize=(6, 4))
-        for name in sorted({row["model"] for row in decode}):
-            for batch in sorted({row["batch"] for row in decode if row["model"] == name}):
-                points = sorted((row["context"], row["ms_per_token"]) for row in decode
-                                if row["model"] == name and row["batch"] == batch)
-                if len(points) > 1:
-                    axis.plot(*zip(*points), marker="o", linestyle="-" if name == "tnl" else "--",
-                              label=f"{name} batch {batch}")
+        series = sorted({(row["model"], row["part"], row["batch"]) for row in decode})
+        for name, part, batch in series:
+            points = sorted((row["context"], row["ms_per_token"]) for row in decode
+                            if (row["model"], row["part"], row["batch"]) == (name, part, batch))
+            if len(points) > 1:
+                style = {"compiled_step": ":", "decode": "-"}[part] if name == "tnl" else "--"
+                label = f"{'TNL' if name == 'tnl' else 'Llama'} {'compiled' if part == 'compiled_step' else 'eager'}"
+                axis.plot(*zip(*points), marker="o", linestyle=style, label=f"{label}, batch {batch}")
         axis.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
                  title="Decode step latency")
         axis.legend(fontsize=8)
@@ -360,7 +364,7 @@ def plot(path: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plot", type=Path, help="only draw the plots of an existing results JSON")
+    parser.add_argument("--plot", type=Path, nargs="+", help="only draw the plots of existing results JSONs")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--shape", default="1B", choices=("tiny", "385M", "1B", "7B"))
@@ -417,7 +421,7 @@ def main() -> int:
             record.add(dict(part=part, error=repr(error)[:500]))
             _fresh_memory(args.device)
     try:
-        for written in plot(args.out):
+        for written in plot([args.out]):
             print(written)
     except ImportError:
         print("matplotlib missing: draw the plots later with --plot", args.out)

@@ -325,10 +325,15 @@ def plot(paths: list[Path]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = paths[0]
     rows = [row for each in paths for row in json.loads(each.read_text())["rows"]]
     written = []
+
+    def context_ticks(axis, contexts) -> None:
+        axis.set_xticks(sorted(contexts), [f"{context // 1024}K" for context in sorted(contexts)])
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     train = [row for row in rows if row["part"] == "train" and row.get("result") == "ok"]
     if train:
         figure, axis = plt.subplots(figsize=(6, 4))
@@ -337,6 +342,7 @@ def plot(paths: list[Path]) -> list[Path]:
             axis.plot(*zip(*points), marker="o", label=name.upper() if name == "tnl" else name.capitalize())
         axis.set(xscale="log", xlabel="context (tokens)", ylabel="training tokens/s", ylim=(0, None),
                  title="Training throughput (fwd + bwd + AdamW)")
+        context_ticks(axis, {row["context"] for row in train})
         axis.legend()
         written.append(path.with_name(path.stem + "_train.png"))
         figure.tight_layout()
@@ -355,6 +361,7 @@ def plot(paths: list[Path]) -> list[Path]:
                 axis.plot(*zip(*points), marker="o", linestyle=style, label=f"{label}, batch {batch}")
         axis.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
                  title="Decode step latency")
+        context_ticks(axis, {row["context"] for row in decode})
         axis.legend(fontsize=8)
         written.append(path.with_name(path.stem + "_decode.png"))
         figure.tight_layout()

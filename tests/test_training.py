@@ -77,6 +77,17 @@ def test_cli_prints_summary(tmp_path, capsys, packing):
     assert re.search(r"done: 1 steps, train loss [\d.]+, [\d,]+ tokens/s", printed), printed
 
 
+def test_cli_loss_chunk_size_reaches_the_saved_config(tmp_path, capsys):
+    data = _write_corpus(tmp_path / "corpus.txt", documents=6)
+    assert main(_train_args(data, tmp_path / "out", "--max-steps", "1", "--save-steps", "100",
+                            "--loss-chunk-size", "32")) == 0
+    assert TransNormerLLMForCausalLM.from_pretrained(tmp_path / "out" / "final").config.loss_chunk_size == 32
+    capsys.readouterr()  # the first run's progress bars
+    assert main(_train_args(data, tmp_path / "bad", "--max-steps", "1", "--loss-chunk-size", "-1")) == 2
+    error = capsys.readouterr().err
+    assert "loss_chunk_size" in error and len(error.strip().splitlines()) == 1, error
+
+
 def test_cli_with_a_transformers_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

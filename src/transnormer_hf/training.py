@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "own tokenizer, or 'bytes' for a preset")
     model.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default=None,
                        help="override the config's attention backend (Triton kernels or the torch path)")
+    model.add_argument("--loss-chunk-size", type=int, default=None,
+                       help="compute the loss this many tokens at a time without building the logits (0: off; "
+                            "default: the config's)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True,
                       help="a .txt (one document per line), .jsonl/.json or .parquet file, a folder of them, "
@@ -110,7 +113,8 @@ def build_model(args: argparse.Namespace, tokenizer) -> Any:
     from .configuration_transnormer import TransNormerLLMConfig
     from .modeling_transnormer import TransNormerLLMForCausalLM
 
-    overrides = {} if args.attention_backend is None else {"attention_backend": args.attention_backend}
+    overrides = {name: getattr(args, name) for name in ("attention_backend", "loss_chunk_size")
+                 if getattr(args, name) is not None}
     if args.model in PRESET_NAMES:
         if args.load_in_4bit:
             raise CLIError("--load-in-4bit quantizes pretrained weights; it needs a model folder or Hub id, not a preset")

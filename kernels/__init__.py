@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from . import linear_cross_entropy as _linear_cross_entropy
 from .linear_cross_entropy import cross_entropy_rows_ref
+from .linear_cross_entropy import linear_cross_entropy as _chunked_linear_cross_entropy
 from .reference import (
     gated_srms_norm_ref,
     lightning_attn_chunk_ref,
@@ -197,12 +197,12 @@ def linear_cross_entropy(
 
     hidden (T, D), weight (V, D), labels (T,) already shifted; the mean over non-ignored labels, or the sum
     divided by `num_items_in_batch`. Each chunk's loss and softmax gradient run in one Triton pass on CUDA
-    (float64 always takes the torch path). See `linear_cross_entropy.linear_cross_entropy`.
+    (float64 always takes the torch path). Arguments as in `linear_cross_entropy.linear_cross_entropy`.
     """
     rows_fn = cross_entropy_rows_ref
     if hidden.dtype != torch.float64 and resolve_backend(backend, hidden.device, "triton_cross_entropy") == "triton":
         rows_fn = _triton_module("triton_cross_entropy").cross_entropy_rows
-    return _linear_cross_entropy.linear_cross_entropy(
+    return _chunked_linear_cross_entropy(
         hidden, weight, labels, chunk_size=chunk_size, ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch, rows_fn=rows_fn,
     )

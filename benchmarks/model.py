@@ -89,6 +89,17 @@ def _peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
+def _attempt(record: Recorder, args, row: dict, measure) -> dict:
+    """Add `row` with measure()'s results and the peak memory, or with result "out of memory"."""
+    _fresh_memory(args.device)
+    try:
+        row.update(result="ok", **measure())
+    except torch.OutOfMemoryError:
+        row["result"] = "out of memory"
+    row["peak_gib"] = _peak_gib(args.device)
+    return record.add(row)
+
+
 def _set_checkpointing(model: torch.nn.Module, layers: int) -> None:
     """Checkpoint the first `layers` decoder layers (0: none)."""
     model.gradient_checkpointing_disable()
@@ -179,16 +190,14 @@ def decode_part(record: Recorder, args, config) -> None:
         if name == "tnl":
             plan += [(batch, args.big_batch_context) for batch in args.big_batches]
         for batch, context in plan:
-            row = dict(part="decode", model=name, context=context, batch=batch)
-            _fresh_memory(args.device)
-            try:
+
+            def measure() -> dict:
                 seconds, cache_bytes = decode_step_seconds(model, context, args.decode_steps, args.device, batch)
-                row.update(result="ok", ms_per_token=round(1000 * seconds, 3), tokens_per_s=round(batch / seconds, 1),
-                           cache_gib=round(cache_bytes / 2**30, 4), cache_mib_per_sequence=round(cache_bytes / batch / 2**20, 2))
-            except torch.OutOfMemoryError:
-                row["result"] = "out of memory"
-            row["peak_gib"] = _peak_gib(args.device)
-            record.add(row)
+                return dict(ms_per_token=round(1000 * seconds, 3), tokens_per_s=round(batch / seconds, 1),
+                            cache_gib=round(cache_bytes / 2**30, 4),
+                            cache_mib_per_sequence=round(cache_bytes / batch / 2**20, 2))
+
+            _attempt(record, args, dict(part="decode", model=name, context=context, batch=batch), measure)
         del model
         _fresh_memory(args.device)
 
@@ -276,20 +285,17 @@ def prefill_part(record: Recorder, args, config) -> None:
     for name in args.models:
         model = build(name, config, args.device).eval()
         ids = torch.randint(3, config.vocab_size, (1, args.prefill_tokens), device=args.device)
-        row = dict(part="prefill", model=name, tokens=args.prefill_tokens)
-        _fresh_memory(args.device)
-        try:
+
+        def measure() -> dict:
             times = []
             for _ in range(1 + args.steps):
                 start = _synchronize(args.device)
                 model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 times.append(_synchronize(args.device) - start)
             seconds = statistics.median(times[1:])
-            row.update(result="ok", ms=round(1000 * seconds, 2), tokens_per_s=round(args.prefill_tokens / seconds))
-        except torch.OutOfMemoryError:
-            row["result"] = "out of memory"
-        row["peak_gib"] = _peak_gib(args.device)
-        record.add(row)
+            return dict(ms=round(1000 * seconds, 2), tokens_per_s=round(args.prefill_tokens / seconds))
+
+        _attempt(record, args, dict(part="prefill", model=name, tokens=args.prefill_tokens), measure)
         del model
         _fresh_memory(args.device)
 
@@ -301,18 +307,14 @@ def longest_part(record: Recorder, args, config) -> None:
         _set_checkpointing(model, config.num_hidden_layers)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
         for context in args.longest_contexts:
-            row = dict(part="longest", model=name, context=context)
             optimizer.zero_grad(set_to_none=True)
-            _fresh_memory(args.device)
-            try:
+
+            def measure() -> dict:
                 _train_step_seconds(model, optimizer, 1, context, 1, args)  # warm-up (autotune at a new length)
                 seconds = _train_step_seconds(model, optimizer, 1, context, 1, args)
-                row.update(result="ok", step_s=round(seconds, 3), tokens_per_s=round(context / seconds),
-                           peak_gib=_peak_gib(args.device))
-            except torch.OutOfMemoryError:
-                row["result"] = "out of memory"
-            record.add(row)
-            if row["result"] != "ok":
+                return dict(step_s=round(seconds, 3), tokens_per_s=round(context / seconds))
+
+            if _attempt(record, args, dict(part="longest", model=name, context=context), measure)["result"] != "ok":
                 break
         del model, optimizer
         _fresh_memory(args.device)

@@ -55,7 +55,7 @@ def _linear_cross_entropy_fwd(
         loss_sum += row_loss.sum()
         if grad_logits is None:
             continue
-        grad_logits = grad_logits.to(hidden.dtype)
+        # grad_logits is in the logits' dtype (bf16 under autocast); the products below cast as autocast does.
         if grad_hidden is not None:
             grad_hidden[rows] = grad_logits @ weight
         if grad_weight is not None:

@@ -29,7 +29,8 @@ runs each as a sequence of its own: because the state recurrence is linear, the 
 segment is the decayed sum of the zero-start final states of the segments before it (after it, for
 the reverse sweeps) plus the decayed initial state. Pass 1 computes those partial states only (no
 outputs), one batched matmul carries them, pass 2 writes the outputs; two fp32 states per segment of
-extra memory. The split is taken only where it shortens the longest serial walk at least 2x.
+extra memory. The split is taken only where the natural grid has fewer programs than the GPU needs and
+it shortens the longest serial walk at least 2x.
 
 Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
 dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3

@@ -23,7 +23,7 @@ backward recomputes them, and the extra memory is only the outputs. Every decay 
 exp(-rate * distance) with distance >= 0, so no rate can overflow it.
 
 That grid is small when few long sequences meet few heads (TNL-1B at 32K: B=1, H=16, 2 slices = 32
-programs on 132 SMs) or when one long sequence dominates a varlen batch. Then `_sweep` cuts sequences
+programs on 132 SMs) or when a varlen batch packs a few long sequences. Then `_sweep` cuts sequences
 into segments of L tokens (a power of two >= 512, sized so there are about two programs per SM) and
 runs each as a sequence of its own: because the state recurrence is linear, the state entering a
 segment is the decayed sum of the zero-start final states of the segments before it (after it, for

@@ -12,7 +12,8 @@ from conftest import FIXTURE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transnormer_hf.cli import main
-from transnormer_hf.quickstart import QuickstartSetup, run_quickstart, save_and_reload, train_tokenizer
+from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+from transnormer_hf.quickstart import QuickstartSetup, run_quickstart, same_size_llama, save_and_reload, train_tokenizer
 
 # A few-second version of the quickstart's setup, for the tests that call run_quickstart twice.
 TINY = QuickstartSetup(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -186,3 +187,15 @@ def test_errors_in_a_fresh_process_have_no_traceback(tmp_path):
         f"transnormer-hf generate: error: {str(tmp_path)!r} is not a TransNormerLLM model "
         "(its config says model_type 'llama')"
     ]
+
+
+@pytest.mark.parametrize("preset", ["385M", "1B", "7B"])
+def test_same_size_llama_matches_the_parameter_count_with_an_aligned_mlp(preset):
+    """The baseline of every comparison: same size within 0.4%, and an MLP width the matmuls run at full speed."""
+    config = TransNormerLLMConfig.from_preset(preset)
+    with torch.device("meta"):
+        tnl, llama = TransNormerLLMForCausalLM(config), same_size_llama(config)
+    tnl_params, llama_params = (sum(p.numel() for p in model.parameters()) for model in (tnl, llama))
+    assert abs(llama_params / tnl_params - 1) < 0.004, (tnl_params, llama_params)
+    assert llama.config.intermediate_size % 64 == 0
+    assert (llama.config.hidden_size, llama.config.num_hidden_layers) == (config.hidden_size, config.num_hidden_layers)

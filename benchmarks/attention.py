@@ -249,6 +249,8 @@ def main():
     parser.add_argument("--grids", nargs="*", default=["A", "F"], help="A B C (fixed length) and F (varlen)")
     parser.add_argument("--impls", nargs="*", default=list(IMPLS))
     parser.add_argument("--max-n", type=int, default=1 << 30, help="skip fixed-length shapes with N above this")
+    parser.add_argument("--key-dims", nargs="*", type=int, default=[128, 256],
+                        help="time only fixed-length shapes with these d_k (grid B has 128 and 256)")
     parser.add_argument("--anchor-max-n", type=int, default=32768,
                         help="time SDPA and lightning_attn2 (slow, recompiled per N) only up to this N")
     parser.add_argument("--skip-checks", action="store_true")
@@ -302,7 +304,7 @@ def main():
                     save()
             continue
         for batch, heads, length, key_dim, value_dim in GRIDS[grid]:
-            if length > args.max_n:
+            if length > args.max_n or key_dim not in args.key_dims:
                 continue
             for name in args.impls:
                 if name in ("sdpa_causal", "lightning_attn2") and length > args.anchor_max_n:

@@ -14,8 +14,10 @@ where G is the gradient of the state after the chunk (it starts as the final sta
 ends as the initial state's). All four outputs have one shape, "a sweep over the chunks carrying a
 state": out_r = sum_s decay * (a_r . b_s) c_s + decay * a_r X, X <- decay * X + sum_s decay * b_s^T c_s,
 with (a, b, c, X) = (q, k, v, S) for o, (do, v, k, S^T) for dq, (k, q, do, G) for dv and
-(v, do, q, G^T) for dk; dq and o sweep forward, dk and dv backward. So one kernel,
-`_lightning_attn_sweep_kernel`, computes all four; a transposed state is only a swap of strides.
+(v, do, q, G^T) for dk; dq and o sweep forward, dk and dv backward. So one program body,
+`_sweep_program`, computes all four; a transposed state is only a swap of strides. The forward launches
+it once; the backward launches the three gradient sweeps together (`_lightning_attn_bwd_kernel`, one
+launch, or two when d_k != d_v), because below ~4K tokens the host's launch cost, not the GPU, sets the time.
 
 Each program owns one (value slice, sequence, head) and walks that sequence's chunks in order,
 keeping its slice of the state in fp32 registers: no per-chunk states are written to memory, the
@@ -24,13 +26,14 @@ exp(-rate * distance) with distance >= 0, so no rate can overflow it.
 
 That grid is small when few long sequences meet few heads (TNL-1B at 32K: B=1, H=16, 2 slices = 32
 programs on 132 SMs) or when a varlen batch packs a few long sequences. Then `_sweep` cuts sequences
-into segments of L tokens (a power of two >= 512, sized so there are about two programs per SM) and
-runs each as a sequence of its own: because the state recurrence is linear, the state entering a
-segment is the decayed sum of the zero-start final states of the segments before it (after it, for
-the reverse sweeps) plus the decayed initial state. Pass 1 computes those partial states only (no
-outputs), one batched matmul carries them, pass 2 writes the outputs; two fp32 states per segment of
-extra memory. The split is taken only where the natural grid has fewer programs than the GPU needs and
-it shortens the longest serial walk at least 2x.
+of 16K tokens or more into segments of L tokens (a power of two >= 512, sized so there are about two
+programs per SM) and runs each as a sequence of its own: because the state recurrence is linear, the
+state entering a segment is the decayed sum of the zero-start final states of the segments before it
+(after it, for the reverse sweeps) plus the decayed initial state. Pass 1 computes those partial
+states only (no outputs), one batched matmul carries them, pass 2 writes the outputs; two fp32 states
+per segment of extra memory. The split is taken only where the natural grid has fewer programs than
+the GPU needs, the sequence is long enough for the GPU rather than the host to set the time, and it
+shortens the longest serial walk at least 2x. A backward that splits runs its three sweeps one by one.
 
 Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
 dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3
@@ -53,7 +56,8 @@ CHUNK_SIZE = 64
 
 
 @triton.jit
-def _lightning_attn_sweep_kernel(
+def _sweep_program(
+    i_c, i_n, i_h,
     a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
     seq_len,
     stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
@@ -64,12 +68,11 @@ def _lightning_attn_sweep_kernel(
     CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
     STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out[t, h, slice] for one (c-slice, sequence, head); see the module docstring for the roles of a, b, c.
+    """out[t, h, slice] for c-slice i_c of sequence i_n, head i_h; see the module docstring for the roles of a, b, c.
 
     Sequence i_n is tokens [seq_starts[i_n], seq_ends[i_n]) when VARLEN, else [i_n * seq_len, ...).
     Without STORE_OUT only the final state is computed (the split's pass 1): `a` is never read.
     """
-    i_c, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN:
         bos = tl.load(seq_starts_ptr + i_n).to(tl.int64)
         eos = tl.load(seq_ends_ptr + i_n).to(tl.int64)
@@ -143,6 +146,81 @@ def _lightning_attn_sweep_kernel(
         tl.store(p_so, b_state, mask=m_a[:, None] & m_c[None, :])
 
 
+@triton.jit
+def _lightning_attn_sweep_kernel(
+    a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
+    seq_len,
+    stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
+    stride_si_n, stride_si_h, stride_si_a, stride_si_c,
+    stride_so_n, stride_so_h, stride_so_a, stride_so_c,
+    intra_scale, inter_scale, update_scale,
+    DIM_A: tl.constexpr, DIM_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
+    STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One sweep (the forward, or one gradient of a split backward) over (c slices, sequences, heads)."""
+    _sweep_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
+        seq_len,
+        stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
+        stride_si_n, stride_si_h, stride_si_a, stride_si_c,
+        stride_so_n, stride_so_h, stride_so_a, stride_so_c,
+        intra_scale, inter_scale, update_scale,
+        DIM_A, DIM_C, BLOCK_A, BLOCK_C, CHUNK, REVERSE, HAS_STATE_IN, STORE_STATE_OUT, STORE_OUT, VARLEN, UPCAST,
+    )
+
+
+@triton.jit
+def _lightning_attn_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, rates_ptr, h0_ptr, dht_ptr, dh0_ptr,
+    seq_starts_ptr, seq_ends_ptr, seq_len,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_do_t, stride_do_h,
+    stride_dq_t, stride_dq_h, stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h,
+    stride_h0_n, stride_h0_h, stride_h0_k, stride_h0_v,
+    stride_dht_n, stride_dht_h, stride_dht_k, stride_dht_v,
+    stride_dh0_n, stride_dh0_h, stride_dh0_k, stride_dh0_v,
+    scale,
+    KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_SLICES: tl.constexpr, DQ_SLOT: tl.constexpr, DK_SLOT: tl.constexpr, DV_SLOT: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    CHUNK: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Several gradient sweeps in one launch: program id 0 is (slot, c slice), and the slot picks dq, dk or dv
+    (a slot of -1: not in this launch). One launch instead of three saves host time, which bounds short inputs."""
+    slot = tl.program_id(0) // C_SLICES
+    i_c, i_n, i_h = tl.program_id(0) % C_SLICES, tl.program_id(1), tl.program_id(2)
+    if DQ_SLOT >= 0:
+        if slot == DQ_SLOT:  # (a, b, c, X) = (do, v, k, S^T), forward
+            _sweep_program(
+                i_c, i_n, i_h, do_ptr, v_ptr, k_ptr, dq_ptr, rates_ptr, h0_ptr, h0_ptr, seq_starts_ptr, seq_ends_ptr,
+                seq_len, stride_do_t, stride_do_h, stride_v_t, stride_v_h, stride_k_t, stride_k_h,
+                stride_dq_t, stride_dq_h, stride_h0_n, stride_h0_h, stride_h0_v, stride_h0_k, 0, 0, 0, 0,
+                scale, scale, 1.0,
+                VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, CHUNK, False, HAS_H0, False, True, VARLEN, UPCAST,
+            )
+    if DK_SLOT >= 0:
+        if slot == DK_SLOT:  # (v, do, q, G^T), reverse
+            _sweep_program(
+                i_c, i_n, i_h, v_ptr, do_ptr, q_ptr, dk_ptr, rates_ptr, dht_ptr, dht_ptr, seq_starts_ptr, seq_ends_ptr,
+                seq_len, stride_v_t, stride_v_h, stride_do_t, stride_do_h, stride_q_t, stride_q_h,
+                stride_dk_t, stride_dk_h, stride_dht_n, stride_dht_h, stride_dht_v, stride_dht_k, 0, 0, 0, 0,
+                scale, 1.0, scale,
+                VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, CHUNK, True, HAS_DHT, False, True, VARLEN, UPCAST,
+            )
+    if DV_SLOT >= 0:
+        if slot == DV_SLOT:  # (k, q, do, G), reverse; G ends as the initial state's gradient
+            _sweep_program(
+                i_c, i_n, i_h, k_ptr, q_ptr, do_ptr, dv_ptr, rates_ptr, dht_ptr, dh0_ptr, seq_starts_ptr, seq_ends_ptr,
+                seq_len, stride_k_t, stride_k_h, stride_q_t, stride_q_h, stride_do_t, stride_do_h,
+                stride_dv_t, stride_dv_h, stride_dht_n, stride_dht_h, stride_dht_k, stride_dht_v,
+                stride_dh0_n, stride_dh0_h, stride_dh0_k, stride_dh0_v,
+                scale, 1.0, scale,
+                KEY_DIM, VALUE_DIM, BLOCK_A, BLOCK_C, CHUNK, True, HAS_DHT, STORE_DH0, True, VARLEN, UPCAST,
+            )
+
+
+@functools.lru_cache(maxsize=None)  # triton's next_power_of_2 costs microseconds on the host, per call
 def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int, int]:
     """(BLOCK_A, BLOCK_C, num_warps, num_stages): the whole a/b width in one tile, the c width in slices.
 
@@ -159,6 +237,10 @@ def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int, int]:
 # ---- splitting long sequences into segments (more programs when the natural grid is too small) ----
 
 _MIN_SEGMENT = 512  # tokens: shorter segments would gain less than the extra launch and states cost
+# Sequences shorter than this are never split: the split's extra launches (pass 1 and the carry's small ops, for
+# each of the four sweeps) cost more host time than the shorter walk saves. On an H100, B=2 H=32 N=8K took
+# 2.39 ms forward+backward split against 1.86 ms for twice the work unsplit (B=4); 32K and longer gain 2-5x.
+_MIN_SPLIT_TOKENS = 16384
 _SPLIT_GAIN = 2.0  # split only if the longest serial walk shrinks this much (pass 1 costs about half a sweep)
 _MAX_SEGMENT_PROGRAMS = 4  # at most this many target-grids of segment programs; bounds the fp32 segment states
 _PROGRAMS_PER_SM = 2  # a 4-warp program alone cannot use an SM's share of HBM bandwidth
@@ -178,8 +260,11 @@ def _segment_length(total_tokens: int, longest: int, programs_per_segment: int, 
 
     `balanced` is each program's share if the work spread evenly over `target` programs; segments of
     about that length (rounded down to a power of two, so there are at least `target` programs) make
-    the longest serial walk about `balanced`. Without a split it is `longest`.
+    the longest serial walk about `balanced`. Without a split it is `longest`; sequences
+    shorter than _MIN_SPLIT_TOKENS stay whole.
     """
+    if longest < _MIN_SPLIT_TOKENS:
+        return None
     balanced = total_tokens * programs_per_segment / target
     length = max(_MIN_SEGMENT, 1 << (max(int(balanced), 1).bit_length() - 1))
     return length if longest > _SPLIT_GAIN * max(length, balanced) else None
@@ -288,15 +373,13 @@ def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_l
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
     block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c)
     seq_starts, seq_ends = seq_bounds if seq_bounds is not None else (None, None)
-    no_strides = (0, 0, 0, 0)
-    grid = (triton.cdiv(dim_c, block_c), num_seqs, heads)
+    grid = (-(-dim_c // block_c), num_seqs, heads)
     _lightning_attn_sweep_kernel[grid](
         a, b, c, out, rates, state_in, state_out, seq_starts, seq_ends,
         seq_len,
         a.stride(-3), a.stride(-2), b.stride(-3), b.stride(-2), c.stride(-3), c.stride(-2),
         out.stride(-3), out.stride(-2),
-        *(state_in.stride() if state_in is not None else no_strides),
-        *(state_out.stride() if state_out is not None else no_strides),
+        *_state_strides(state_in), *_state_strides(state_out),
         *scales,
         DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, CHUNK=CHUNK_SIZE,
         REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
@@ -305,36 +388,82 @@ def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_l
     )
 
 
-def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, *, seq_len, num_seqs,
-           scales, reverse, transpose_state, host_cu_seqlens):
-    """Compute `out` (and `state_out`) of one sweep. States are (seqs, H, d_k, d_v) fp32; `transpose_state`
-    reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps.
+def _state_strides(state: torch.Tensor | None) -> tuple[int, ...]:
+    return state.stride() if state is not None else (0, 0, 0, 0)
 
-    When the natural grid (c slices, sequences, heads) is too small for the GPU and a sequence is long
-    (`_plan_split`), sequences are cut into segments that run as programs of their own, in three steps:
-    pass 1 sweeps each segment from a zero state and keeps only its final ("partial") state; the state
-    entering each segment is then the decayed sum of the partial states of the segments before it (after
-    it in reverse) plus the decayed state_in (`_carry_states`, one matmul); pass 2 sweeps the segments
-    again from those states and writes `out`. The extra memory is two fp32 states per segment.
+
+def _launch_backward(roles, dims, q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, cu_seqlens, *, seq_len, num_seqs,
+                     scale):
+    """One launch of the gradient sweeps `roles` (a tuple of "dq", "dk", "dv" whose kernel (dim_a, dim_c) are
+    both `dims`, so they share one launch config); tensors as in `_lightning_attn_bwd`."""
+    heads, key_dim, value_dim = q.shape[-2], q.shape[-1], v.shape[-1]
+    block_a, block_c, num_warps, num_stages = _launch_config(*dims)
+    c_slices = -(-dims[1] // block_c)
+    seq_starts, seq_ends = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else (None, None)
+    slots = {role: roles.index(role) if role in roles else -1 for role in ("dq", "dk", "dv")}
+    _lightning_attn_bwd_kernel[(len(roles) * c_slices, num_seqs, heads)](
+        q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, seq_starts, seq_ends, seq_len,
+        *(stride for x in (q, k, v, do, dq, dk, dv) for stride in (x.stride(-3), x.stride(-2))),
+        *_state_strides(h0), *_state_strides(dht), *_state_strides(dh0),
+        scale,
+        KEY_DIM=key_dim, VALUE_DIM=value_dim, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices,
+        DQ_SLOT=slots["dq"], DK_SLOT=slots["dk"], DV_SLOT=slots["dv"],
+        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        CHUNK=CHUNK_SIZE, VARLEN=cu_seqlens is not None, UPCAST=_INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+class _Sequences(NamedTuple):
+    """The sequences of one call: tokens per sequence (fixed-length layout, else 0), how many, and for varlen
+    a cached `cu_seqlens.tolist()` (called only if a sweep may split; None for the fixed-length layout)."""
+
+    seq_len: int
+    num_seqs: int
+    host_cu_seqlens: Callable[[], list[int]] | None
+
+
+def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> _Sequences:
+    if cu_seqlens is None:
+        return _Sequences(q.shape[1], q.shape[0], None)
+    return _Sequences(0, cu_seqlens.numel() - 1, functools.cache(cu_seqlens.tolist))
+
+
+def _plan_sweep(a: torch.Tensor, c: torch.Tensor, sequences: _Sequences, reverse: bool,
+                with_exits: bool) -> _SegmentPlan | None:
+    """`_plan_split` for the sweep with inputs a (tokens, H, dim_a) and c (tokens, H, dim_c)."""
+    heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
+    c_slices = -(-dim_c // _launch_config(dim_a, dim_c)[1])
+    return _plan_split(a.shape[0], c_slices * heads, sequences.host_cu_seqlens, sequences.seq_len,
+                       sequences.num_seqs, reverse, with_exits, a.device)
+
+
+def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences, *, scales, reverse,
+           transpose_state):
+    """Compute `out` (and `state_out`) of one sweep, split into segments when `plan` is not None. States are
+    (seqs, H, d_k, d_v) fp32; `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps.
+
+    A split runs in three steps: pass 1 sweeps each segment from a zero state and keeps only its final
+    ("partial") state; the state entering each segment is then the decayed sum of the partial states of the
+    segments before it (after it in reverse) plus the decayed state_in (`_carry_states`, one matmul); pass 2
+    sweeps the segments again from those states and writes `out`. The extra memory is two fp32 states per
+    segment.
     """
     if transpose_state:  # the kernel's (dim_a, dim_c) = (d_v, d_k): swap strides, not data
         state_in, state_out = (s.transpose(-1, -2) if s is not None else None for s in (state_in, state_out))
-    sweep = functools.partial(_launch_sweep, a, b, c, out, rates, scales=scales, reverse=reverse)
-    heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
-    c_slices = triton.cdiv(dim_c, _launch_config(dim_a, dim_c)[1])
-    plan = _plan_split(a.shape[0], c_slices * heads, host_cu_seqlens, seq_len, num_seqs, reverse,
-                       state_out is not None, a.device)
     if plan is None:
         seq_bounds = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else None
-        sweep(state_in, state_out, seq_bounds, seq_len=seq_len, num_seqs=num_seqs, store_out=True)
+        _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, seq_len=sequences.seq_len,
+                      num_seqs=sequences.num_seqs, scales=scales, reverse=reverse, store_out=True)
         return
+    heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
+    sweep = functools.partial(_launch_sweep, a, b, c, out, rates, seq_len=0, scales=scales, reverse=reverse)
     num_segments, num_sources = plan.starts.numel(), plan.source_starts.numel()
     partial = a.new_empty((heads, num_sources, dim_a, dim_c), dtype=torch.float32)  # head-major for the carry
-    sweep(None, partial.transpose(0, 1), (plan.source_starts, plan.source_ends), seq_len=0, num_seqs=num_sources,
+    sweep(None, partial.transpose(0, 1), (plan.source_starts, plan.source_ends), num_seqs=num_sources,
           store_out=False)
     carried = _carry_states(partial, plan, state_in, rates)
-    sweep(carried[:num_segments], None, (plan.starts, plan.ends), seq_len=0, num_seqs=num_segments,
-          store_out=True)
+    sweep(carried[:num_segments], None, (plan.starts, plan.ends), num_seqs=num_segments, store_out=True)
     if state_out is not None:
         state_out.copy_(carried[num_segments:])
 
@@ -352,41 +481,49 @@ def _state_or_empty(wanted: bool, num_seqs: int, q: torch.Tensor, v: torch.Tenso
     return q.new_empty(shape, dtype=torch.float32)
 
 
-def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> dict:
-    """`_sweep`'s sequence arguments: tokens per sequence for the fixed-length layout, number of sequences,
-    and for varlen a cached `cu_seqlens.tolist()` (called only if a sweep may split)."""
-    if cu_seqlens is None:
-        return dict(seq_len=q.shape[1], num_seqs=q.shape[0], host_cu_seqlens=None)
-    return dict(seq_len=0, num_seqs=cu_seqlens.numel() - 1, host_cu_seqlens=functools.cache(cu_seqlens.tolist))
-
-
 def _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
     """Returns (o in v's dtype, final state fp32 (seqs, H, d_k, d_v), or an empty tensor when not asked)."""
-    heads = q.shape[2]
     sequences = _sequences(q, cu_seqlens)
+    q, k, v_flat = _flat(q), _flat(k), _flat(v)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    final_state = _state_or_empty(output_final_state, sequences["num_seqs"], q, v)
-    _sweep(_flat(q), _flat(k), _flat(v), o.view(-1, heads, v.shape[-1]), decay_rates, initial_state,
-           final_state if output_final_state else None,
-           cu_seqlens, scales=(scale, scale, 1.0), reverse=False, transpose_state=False, **sequences)
+    final_state = _state_or_empty(output_final_state, sequences.num_seqs, q, v)
+    plan = _plan_sweep(q, v_flat, sequences, reverse=False, with_exits=output_final_state)
+    _sweep(q, k, v_flat, o.view(v_flat.shape), decay_rates, initial_state,
+           final_state if output_final_state else None, cu_seqlens, plan, sequences,
+           scales=(scale, scale, 1.0), reverse=False, transpose_state=False)
     return o, final_state
 
 
 def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht):
-    """Returns (dq, dk, dv, dh0 fp32 (seqs, H, d_k, d_v)); states are recomputed, none is stored."""
-    heads = q.shape[2]
+    """Returns (dq, dk, dv, dh0 fp32 (seqs, H, d_k, d_v)); states are recomputed, none is stored.
+
+    Without a split, the three gradient sweeps take one launch (two when d_k != d_v: their launch configs
+    differ); a sweep that splits runs each on its own (`_sweep`)."""
     sequences = _sequences(q, cu_seqlens)
     shapes = (q.shape, k.shape, v.shape)
     q, k, v, do = _flat(q), _flat(k), _flat(v), _flat(do)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    dh0 = _state_or_empty(initial_state is not None, sequences["num_seqs"], q, v)
-    _sweep(do, v, k, dq, decay_rates, initial_state, None, cu_seqlens, scales=(scale, scale, 1.0),
-           reverse=False, transpose_state=True, **sequences)
-    _sweep(k, q, do, dv, decay_rates, dht, dh0 if initial_state is not None else None, cu_seqlens,
-           scales=(scale, 1.0, scale),
-           reverse=True, transpose_state=False, **sequences)
-    _sweep(v, do, q, dk, decay_rates, dht, None, cu_seqlens, scales=(scale, 1.0, scale),
-           reverse=True, transpose_state=True, **sequences)
+    dh0 = _state_or_empty(initial_state is not None, sequences.num_seqs, q, v)
+    dh0_out = dh0 if initial_state is not None else None
+    # name: (a, b, c, out, state_in, state_out, scales, reverse, transpose_state); see the module docstring
+    sweeps = {
+        "dq": (do, v, k, dq, initial_state, None, (scale, scale, 1.0), False, True),
+        "dk": (v, do, q, dk, dht, None, (scale, 1.0, scale), True, True),
+        "dv": (k, q, do, dv, dht, dh0_out, (scale, 1.0, scale), True, False),
+    }
+    plans = {name: _plan_sweep(a, c, sequences, reverse, state_out is not None)
+             for name, (a, _, c, _, _, state_out, _, reverse, _) in sweeps.items()}
+    if any(plan is not None for plan in plans.values()):
+        for name, (a, b, c, out, state_in, state_out, scales, reverse, transpose_state) in sweeps.items():
+            _sweep(a, b, c, out, decay_rates, state_in, state_out, cu_seqlens, plans[name], sequences,
+                   scales=scales, reverse=reverse, transpose_state=transpose_state)
+    else:
+        key_dim, value_dim = q.shape[-1], v.shape[-1]
+        groups = {("dq", "dk", "dv"): (value_dim, key_dim)} if key_dim == value_dim else {
+            ("dq", "dk"): (value_dim, key_dim), ("dv",): (key_dim, value_dim)}
+        for roles, dims in groups.items():
+            _launch_backward(roles, dims, q, k, v, do, dq, dk, dv, decay_rates, initial_state, dht, dh0_out,
+                             cu_seqlens, seq_len=sequences.seq_len, num_seqs=sequences.num_seqs, scale=scale)
     dq, dk, dv = (grad.view(shape) for grad, shape in zip((dq, dk, dv), shapes))
     return dq, dk, dv, dh0
 

@@ -49,7 +49,7 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("length, key_dim, value_dim, scale", [(100, 32, 16, 1.0), (64, 16, 24, 0.5)])
+@pytest.mark.parametrize("length, key_dim, value_dim, scale", [(100, 32, 16, 1.0), (64, 16, 24, 0.5), (80, 16, 16, 1.0)])
 def test_forward_backward_states_against_float64(dtype, length, key_dim, value_dim, scale):
     inputs, rates = _inputs(2, length, 3, key_dim, value_dim, dtype)
     do = torch.randn(2, length, 3, value_dim, dtype=torch.float64)
@@ -59,6 +59,35 @@ def test_forward_backward_states_against_float64(dtype, length, key_dim, value_d
                  rates, do, dht, scale=scale)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     _check(NAMES, got, truth, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("key_dim, value_dim", [(16, 16), (32, 16)])
+def test_backward_launches_and_inputs_strided_like_a_fused_projection(monkeypatch, key_dim, value_dim):
+    # q, k, v are views into one (B, N, H, 2 d_k + d_v) projection, so their token and head strides differ from
+    # the gradients' (which are contiguous). Without a split the three gradient sweeps run in one launch when
+    # d_k == d_v, in two otherwise (the launch configs differ).
+    launches = []
+    launch_backward = triton_module._launch_backward
+
+    def recording_launch(roles, *args, **kwargs):
+        launches.append(roles)
+        return launch_backward(roles, *args, **kwargs)
+
+    monkeypatch.setattr(triton_module, "_launch_backward", recording_launch)
+    packed = torch.randn(2, 90, 3, 2 * key_dim + value_dim, requires_grad=True)
+    h0 = torch.randn(2, 3, key_dim, value_dim, requires_grad=True)
+    rates = torch.tensor(RATES)
+    do = torch.randn(2, 90, 3, value_dim, dtype=torch.float64)
+    dht = torch.randn(2, 3, key_dim, value_dim, dtype=torch.float64)
+
+    def run(fn, packed, h0, **kwargs):
+        return _run(fn, [*packed.split([key_dim, key_dim, value_dim], dim=-1), h0], rates, do, dht, **kwargs)
+
+    got = run(lightning_attn, packed, h0, backend="triton")
+    assert launches == ([("dq", "dk", "dv")] if key_dim == value_dim else [("dq", "dk"), ("dv",)])
+    truth = run(lightning_attn_parallel_ref, packed.detach().double().requires_grad_(),
+                h0.detach().double().requires_grad_())
+    _check(NAMES, got, truth, TOLERANCE[torch.float32])
 
 
 def test_varlen_resets_state_at_each_sequence():
@@ -129,6 +158,7 @@ def split_launches(monkeypatch):
     """Segments of 64 tokens for the tiny shapes here; yields the list of pass-1 launches (segment counts),
     so a test can check that the split really ran."""
     monkeypatch.setattr(triton_module, "_MIN_SEGMENT", 64)
+    monkeypatch.setattr(triton_module, "_MIN_SPLIT_TOKENS", 0)
     pass1_segments = []
     launch = triton_module._launch_sweep
 
@@ -192,3 +222,7 @@ def test_split_policy_on_gpu_sized_problems():
     assert triton_module._segment_length(16 * 2048, 2048, 32, target) is None
     # Varlen, 16K + 9 x 1820 tokens, H=32: the long sequence is cut into 4096-token segments.
     assert triton_module._segment_length(16384 + 9 * 1820, 16384, 64, target) == 4096
+    # Below 16K tokens the host sets the time: B=2 H=32 N=8K and B=8 H=8 N=2K are not split (both measured
+    # slower split on an H100), although their grids (128 programs) are small.
+    assert triton_module._segment_length(2 * 8192, 8192, 64, target) is None
+    assert triton_module._segment_length(8 * 2048, 2048, 16, target) is None

@@ -33,7 +33,8 @@ state entering a segment is the decayed sum of the zero-start final states of th
 states only (no outputs), one batched matmul carries them, pass 2 writes the outputs; two fp32 states
 per segment of extra memory. The split is taken only where the natural grid has fewer programs than
 the GPU needs, the sequence is long enough for the GPU rather than the host to set the time, and it
-shortens the longest serial walk at least 2x. A backward that splits runs its three sweeps one by one.
+shortens the longest serial walk at least 2x. A backward that splits runs its three sweeps one by one;
+dk then reuses the segment states of dv's pass 1 and carry (its state G^T is dv's G transposed).
 
 Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
 dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3
@@ -439,7 +440,7 @@ def _plan_sweep(a: torch.Tensor, c: torch.Tensor, sequences: _Sequences, reverse
 
 
 def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences, *, scales, reverse,
-           transpose_state):
+           transpose_state, entry_states=None):
     """Compute `out` (and `state_out`) of one sweep, split into segments when `plan` is not None. States are
     (seqs, H, d_k, d_v) fp32; `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps.
 
@@ -447,7 +448,8 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences
     ("partial") state; the state entering each segment is then the decayed sum of the partial states of the
     segments before it (after it in reverse) plus the decayed state_in (`_carry_states`, one matmul); pass 2
     sweeps the segments again from those states and writes `out`. The extra memory is two fp32 states per
-    segment.
+    segment. Returns the states entering the segments (kernel orientation), or None without a split; given
+    as `entry_states`, they replace pass 1 and the carry (the dk sweep reuses the dv sweep's, transposed).
     """
     if transpose_state:  # the kernel's (dim_a, dim_c) = (d_v, d_k): swap strides, not data
         state_in, state_out = (s.transpose(-1, -2) if s is not None else None for s in (state_in, state_out))
@@ -455,17 +457,21 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences
         seq_bounds = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else None
         _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, seq_len=sequences.seq_len,
                       num_seqs=sequences.num_seqs, scales=scales, reverse=reverse, store_out=True)
-        return
-    heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
+        return None
     sweep = functools.partial(_launch_sweep, a, b, c, out, rates, seq_len=0, scales=scales, reverse=reverse)
-    num_segments, num_sources = plan.starts.numel(), plan.source_starts.numel()
-    partial = a.new_empty((heads, num_sources, dim_a, dim_c), dtype=torch.float32)  # head-major for the carry
-    sweep(None, partial.transpose(0, 1), (plan.source_starts, plan.source_ends), num_seqs=num_sources,
-          store_out=False)
-    carried = _carry_states(partial, plan, state_in, rates)
-    sweep(carried[:num_segments], None, (plan.starts, plan.ends), num_seqs=num_segments, store_out=True)
-    if state_out is not None:
-        state_out.copy_(carried[num_segments:])
+    num_segments = plan.starts.numel()
+    if entry_states is None:
+        heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
+        num_sources = plan.source_starts.numel()
+        partial = a.new_empty((heads, num_sources, dim_a, dim_c), dtype=torch.float32)  # head-major for the carry
+        sweep(None, partial.transpose(0, 1), (plan.source_starts, plan.source_ends), num_seqs=num_sources,
+              store_out=False)
+        carried = _carry_states(partial, plan, state_in, rates)
+        if state_out is not None:
+            state_out.copy_(carried[num_segments:])
+        entry_states = carried[:num_segments]
+    sweep(entry_states, None, (plan.starts, plan.ends), num_seqs=num_segments, store_out=True)
+    return entry_states
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -514,9 +520,18 @@ def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, 
     plans = {name: _plan_sweep(a, c, sequences, reverse, state_out is not None)
              for name, (a, _, c, _, _, state_out, _, reverse, _) in sweeps.items()}
     if any(plan is not None for plan in plans.values()):
-        for name, (a, b, c, out, state_in, state_out, scales, reverse, transpose_state) in sweeps.items():
-            _sweep(a, b, c, out, decay_rates, state_in, state_out, cu_seqlens, plans[name], sequences,
-                   scales=scales, reverse=reverse, transpose_state=transpose_state)
+        # dk's state is dv's transposed (G^T): when both split, dk sweeps dv's segments from dv's entry states.
+        shared = plans["dk"] is not None and plans["dv"] is not None
+        if shared:
+            plans["dk"] = plans["dv"]
+        dv_entry_states = None
+        for name in ("dq", "dv", "dk"):
+            a, b, c, out, state_in, state_out, scales, reverse, transpose_state = sweeps[name]
+            reused = dv_entry_states.transpose(-1, -2) if name == "dk" and shared else None
+            entry_states = _sweep(a, b, c, out, decay_rates, state_in, state_out, cu_seqlens, plans[name], sequences,
+                                  scales=scales, reverse=reverse, transpose_state=transpose_state, entry_states=reused)
+            if name == "dv":
+                dv_entry_states = entry_states
     else:
         key_dim, value_dim = q.shape[-1], v.shape[-1]
         groups = {("dq", "dk", "dv"): (value_dim, key_dim)} if key_dim == value_dim else {

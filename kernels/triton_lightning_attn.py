@@ -14,10 +14,11 @@ where G is the gradient of the state after the chunk (it starts as the final sta
 ends as the initial state's). All four outputs have one shape, "a sweep over the chunks carrying a
 state": out_r = sum_s decay * (a_r . b_s) c_s + decay * a_r X, X <- decay * X + sum_s decay * b_s^T c_s,
 with (a, b, c, X) = (q, k, v, S) for o, (do, v, k, S^T) for dq, (k, q, do, G) for dv and
-(v, do, q, G^T) for dk; dq and o sweep forward, dk and dv backward. So one program body,
-`_sweep_program`, computes all four; a transposed state is only a swap of strides. The forward launches
-it once; the backward launches the three gradient sweeps together (`_lightning_attn_bwd_kernel`, one
-launch, or two when d_k != d_v), because below ~4K tokens the host's launch cost, not the GPU, sets the time.
+(v, do, q, G^T) for dk; dq and o sweep forward, dk and dv backward. So one kernel,
+`_lightning_attn_sweep_kernel`, computes all four; a transposed state is only a swap of strides. The
+forward launches it once; the backward runs the three gradient sweeps in one launch of
+`_lightning_attn_bwd_kernel`, which calls it once per slot (two launches when d_k != d_v), because below
+~4K tokens the host's launch cost, not the GPU, sets the time.
 
 Each program owns one (value slice, sequence, head) and walks that sequence's chunks in order,
 keeping its slice of the state in fp32 registers: no per-chunk states are written to memory, the
@@ -57,8 +58,7 @@ CHUNK_SIZE = 64
 
 
 @triton.jit
-def _sweep_program(
-    i_c, i_n, i_h,
+def _lightning_attn_sweep_kernel(
     a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
     seq_len,
     stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
@@ -66,14 +66,17 @@ def _sweep_program(
     stride_so_n, stride_so_h, stride_so_a, stride_so_c,
     intra_scale, inter_scale, update_scale,
     DIM_A: tl.constexpr, DIM_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
-    CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
-    STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    C_SLICES: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr,
+    STORE_STATE_OUT: tl.constexpr, STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out[t, h, slice] for c-slice i_c of sequence i_n, head i_h; see the module docstring for the roles of a, b, c.
+    """out[t, h, slice] for one program (c slice, sequence i_n, head i_h); see the module docstring for the roles
+    of a, b, c. Program id 0 modulo C_SLICES is the c slice, so the backward kernel can call this one for
+    each of its slots.
 
     Sequence i_n is tokens [seq_starts[i_n], seq_ends[i_n]) when VARLEN, else [i_n * seq_len, ...).
     Without STORE_OUT only the final state is computed (the split's pass 1): `a` is never read.
     """
+    i_c, i_n, i_h = tl.program_id(0) % C_SLICES, tl.program_id(1), tl.program_id(2)
     if VARLEN:
         bos = tl.load(seq_starts_ptr + i_n).to(tl.int64)
         eos = tl.load(seq_ends_ptr + i_n).to(tl.int64)
@@ -148,31 +151,6 @@ def _sweep_program(
 
 
 @triton.jit
-def _lightning_attn_sweep_kernel(
-    a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
-    seq_len,
-    stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
-    stride_si_n, stride_si_h, stride_si_a, stride_si_c,
-    stride_so_n, stride_so_h, stride_so_a, stride_so_c,
-    intra_scale, inter_scale, update_scale,
-    DIM_A: tl.constexpr, DIM_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
-    CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr, STORE_STATE_OUT: tl.constexpr,
-    STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One sweep (the forward, or one gradient of a split backward) over (c slices, sequences, heads)."""
-    _sweep_program(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2),
-        a_ptr, b_ptr, c_ptr, out_ptr, rates_ptr, state_in_ptr, state_out_ptr, seq_starts_ptr, seq_ends_ptr,
-        seq_len,
-        stride_a_t, stride_a_h, stride_b_t, stride_b_h, stride_c_t, stride_c_h, stride_o_t, stride_o_h,
-        stride_si_n, stride_si_h, stride_si_a, stride_si_c,
-        stride_so_n, stride_so_h, stride_so_a, stride_so_c,
-        intra_scale, inter_scale, update_scale,
-        DIM_A, DIM_C, BLOCK_A, BLOCK_C, CHUNK, REVERSE, HAS_STATE_IN, STORE_STATE_OUT, STORE_OUT, VARLEN, UPCAST,
-    )
-
-
-@triton.jit
 def _lightning_attn_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, rates_ptr, h0_ptr, dht_ptr, dh0_ptr,
     seq_starts_ptr, seq_ends_ptr, seq_len,
@@ -190,34 +168,33 @@ def _lightning_attn_bwd_kernel(
     """Several gradient sweeps in one launch: program id 0 is (slot, c slice), and the slot picks dq, dk or dv
     (a slot of -1: not in this launch). One launch instead of three saves host time, which bounds short inputs."""
     slot = tl.program_id(0) // C_SLICES
-    i_c, i_n, i_h = tl.program_id(0) % C_SLICES, tl.program_id(1), tl.program_id(2)
     if DQ_SLOT >= 0:
         if slot == DQ_SLOT:  # (a, b, c, X) = (do, v, k, S^T), forward
-            _sweep_program(
-                i_c, i_n, i_h, do_ptr, v_ptr, k_ptr, dq_ptr, rates_ptr, h0_ptr, h0_ptr, seq_starts_ptr, seq_ends_ptr,
+            _lightning_attn_sweep_kernel(
+                do_ptr, v_ptr, k_ptr, dq_ptr, rates_ptr, h0_ptr, h0_ptr, seq_starts_ptr, seq_ends_ptr,
                 seq_len, stride_do_t, stride_do_h, stride_v_t, stride_v_h, stride_k_t, stride_k_h,
                 stride_dq_t, stride_dq_h, stride_h0_n, stride_h0_h, stride_h0_v, stride_h0_k, 0, 0, 0, 0,
                 scale, scale, 1.0,
-                VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, CHUNK, False, HAS_H0, False, True, VARLEN, UPCAST,
+                VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, C_SLICES, CHUNK, False, HAS_H0, False, True, VARLEN, UPCAST,
             )
     if DK_SLOT >= 0:
         if slot == DK_SLOT:  # (v, do, q, G^T), reverse
-            _sweep_program(
-                i_c, i_n, i_h, v_ptr, do_ptr, q_ptr, dk_ptr, rates_ptr, dht_ptr, dht_ptr, seq_starts_ptr, seq_ends_ptr,
+            _lightning_attn_sweep_kernel(
+                v_ptr, do_ptr, q_ptr, dk_ptr, rates_ptr, dht_ptr, dht_ptr, seq_starts_ptr, seq_ends_ptr,
                 seq_len, stride_v_t, stride_v_h, stride_do_t, stride_do_h, stride_q_t, stride_q_h,
                 stride_dk_t, stride_dk_h, stride_dht_n, stride_dht_h, stride_dht_v, stride_dht_k, 0, 0, 0, 0,
                 scale, 1.0, scale,
-                VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, CHUNK, True, HAS_DHT, False, True, VARLEN, UPCAST,
+                VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, C_SLICES, CHUNK, True, HAS_DHT, False, True, VARLEN, UPCAST,
             )
     if DV_SLOT >= 0:
         if slot == DV_SLOT:  # (k, q, do, G), reverse; G ends as the initial state's gradient
-            _sweep_program(
-                i_c, i_n, i_h, k_ptr, q_ptr, do_ptr, dv_ptr, rates_ptr, dht_ptr, dh0_ptr, seq_starts_ptr, seq_ends_ptr,
+            _lightning_attn_sweep_kernel(
+                k_ptr, q_ptr, do_ptr, dv_ptr, rates_ptr, dht_ptr, dh0_ptr, seq_starts_ptr, seq_ends_ptr,
                 seq_len, stride_k_t, stride_k_h, stride_q_t, stride_q_h, stride_do_t, stride_do_h,
                 stride_dv_t, stride_dv_h, stride_dht_n, stride_dht_h, stride_dht_k, stride_dht_v,
                 stride_dh0_n, stride_dh0_h, stride_dh0_k, stride_dh0_v,
                 scale, 1.0, scale,
-                KEY_DIM, VALUE_DIM, BLOCK_A, BLOCK_C, CHUNK, True, HAS_DHT, STORE_DH0, True, VARLEN, UPCAST,
+                KEY_DIM, VALUE_DIM, BLOCK_A, BLOCK_C, C_SLICES, CHUNK, True, HAS_DHT, STORE_DH0, True, VARLEN, UPCAST,
             )
 
 
@@ -374,15 +351,15 @@ def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_l
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
     block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c)
     seq_starts, seq_ends = seq_bounds if seq_bounds is not None else (None, None)
-    grid = (-(-dim_c // block_c), num_seqs, heads)
-    _lightning_attn_sweep_kernel[grid](
+    c_slices = -(-dim_c // block_c)
+    _lightning_attn_sweep_kernel[(c_slices, num_seqs, heads)](
         a, b, c, out, rates, state_in, state_out, seq_starts, seq_ends,
         seq_len,
         a.stride(-3), a.stride(-2), b.stride(-3), b.stride(-2), c.stride(-3), c.stride(-2),
         out.stride(-3), out.stride(-2),
         *_state_strides(state_in), *_state_strides(state_out),
         *scales,
-        DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, CHUNK=CHUNK_SIZE,
+        DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices, CHUNK=CHUNK_SIZE,
         REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
         STORE_OUT=store_out, VARLEN=seq_bounds is not None, UPCAST=_INTERPRET,
         num_warps=num_warps, num_stages=num_stages,

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import math
 import subprocess
 import sys
 import time

@@ -495,12 +495,12 @@ def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, 
         "dv": (k, q, do, dv, dht, dh0_out, (scale, 1.0, scale), True, False),
     }
     plans = {name: _plan_sweep(a, c, sequences, reverse, state_out is not None)
-             for name, (a, _, c, _, _, state_out, _, reverse, _) in sweeps.items()}
+             for name, (a, _, c, _, _, state_out, _, reverse, _) in sweeps.items() if name != "dk"}
+    # dk's state is dv's transposed (G^T): when dv splits, dk sweeps dv's segments from dv's entry states (pass 2
+    # alone, no more work than sweeping whole sequences).
+    shared = plans["dv"] is not None
+    plans["dk"] = plans["dv"] if shared else _plan_sweep(v, q, sequences, reverse=True, with_exits=False)
     if any(plan is not None for plan in plans.values()):
-        # dk's state is dv's transposed (G^T): when both split, dk sweeps dv's segments from dv's entry states.
-        shared = plans["dk"] is not None and plans["dv"] is not None
-        if shared:
-            plans["dk"] = plans["dv"]
         dv_entry_states = None
         for name in ("dq", "dv", "dk"):
             a, b, c, out, state_in, state_out, scales, reverse, transpose_state = sweeps[name]

@@ -310,16 +310,30 @@ def run_train(args: argparse.Namespace) -> int:
             summary += f", eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
         print(summary + f", {tokens / elapsed:,.0f} tokens/s over {elapsed:.1f} s")
         print(f"saved {'adapters' if args.lora else 'model'} to {final_dir}" + (f"; loss plot {plot}" if plotted else ""))
-    _leave_process_group()
+    finish_distributed_rank()
     return 0
 
 
-def _leave_process_group() -> None:
-    """Under torchrun, leave the process group once every rank is done: a gloo group still alive at interpreter
-    exit can abort a rank ("terminate called without an active exception") after the work succeeded."""
+def finish_distributed_rank() -> None:
+    """Under a launcher (torchrun, accelerate launch): wait for every rank, leave the process group and end this
+    process at once, skipping the interpreter's teardown; Python's exit handlers (logging, wandb) still run first.
+    Does nothing without a process group.
+
+    Why: with torch 2.13 on CPU (gloo), a rank intermittently aborted during that teardown ("terminate called
+    without an active exception": a C++ thread still joinable when static objects are destroyed), or hung there,
+    after its work had succeeded and been saved; torchrun then reported the whole run as failed.
+    """
+    import atexit
+    import os
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

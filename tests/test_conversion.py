@@ -116,6 +116,28 @@ def test_dtype_casts_are_exact(dtype, torch_dtype, converted, tmp_path):
     assert all(bitwise(t, written[name].float()) for name, t in read_all(up).items())
 
 
+def test_mixed_dtype_source_keeps_each_tensor_and_round_trips(tmp_path, capsys):
+    """bf16 weights with fp32 LRPE thetas (a mixed-precision save): `keep` writes each tensor in its own dtype, bit
+    for bit, through both formats; `--dtype fp32` casts only the bf16 ones, exactly."""
+    src = copy_folder(FIXTURE / "released", tmp_path / "src")
+    state = {name: tensor if name.endswith("lrpe.theta") else tensor.to(torch.bfloat16)
+             for name, tensor in fixture_state().items()}
+    torch.save(state, src / "pytorch_model.bin")
+    kept = tmp_path / "kept"
+    assert main(["convert", str(src), str(kept)]) == 0
+    assert "max |diff| 0" in capsys.readouterr().out
+    written = read_all(kept)
+    assert {tensor.dtype for tensor in written.values()} == {torch.bfloat16, torch.float32}
+    assert all(bitwise(written[name], state[name]) for name in written) and set(written) == set(state) - {LM_HEAD}
+    official, back = tmp_path / "official", tmp_path / "back"
+    assert main(["convert", str(kept), str(official), "--to", "official"]) == 0
+    assert main(["convert", str(official), str(back)]) == 0
+    assert all(bitwise(tensor, state[name]) for name, tensor in read_all(back).items())
+    up = tmp_path / "fp32"
+    convert(str(kept), up, dtype="fp32", log=lambda line: None)
+    assert all(bitwise(tensor, state[name].float()) for name, tensor in read_all(up).items())
+
+
 def test_sentencepiece_tokenizer_becomes_fast_with_identical_ids(tmp_path, monkeypatch):
     import sentencepiece  # in the test extra: the converter's id check needs it too
     from transformers import AutoTokenizer

@@ -75,18 +75,19 @@ def _process_tree(root: int) -> list[int]:
 
 
 def _dump_stacks_and_kill(process: subprocess.Popen) -> str:
-    """Make every Python process of a hung torchrun (agent and workers) print its threads' stacks, then kill them."""
+    """Abort every process of a hung torchrun (agent and workers): with PYTHONFAULTHANDLER set, each prints its
+    threads' Python stacks on SIGABRT. Returns what they printed."""
     import signal
     import time
 
     tree = _process_tree(process.pid)
-    for send in (signal.SIGUSR1, signal.SIGKILL):  # SIGUSR1: faulthandler.register in the sitecustomize below
+    for send, then_wait in ((signal.SIGABRT, 3), (signal.SIGKILL, 0)):
         for pid in tree:
             try:
                 os.kill(pid, send)
             except ProcessLookupError:
                 pass
-        time.sleep(3 if send == signal.SIGUSR1 else 0)
+        time.sleep(then_wait)
     return process.communicate()[1] or ""
 
 
@@ -95,17 +96,12 @@ def _run_torchrun(tmp_path: Path, *worker_args: str, attempt_seconds: int = 150)
 
     Once in many CI runs torchrun hung after its workers had printed their last line (training done, model saved);
     the interpreter teardown that `finish_distributed_rank` now skips is the likely place, but that is not proven.
-    So a hung attempt dumps every process's stacks (faulthandler on SIGUSR1) into a warning and runs once more; a
-    failure, or a second hang, fails the test.
+    So a hung attempt dumps every process's stacks into a warning and runs once more; a failure, or a second hang,
+    fails the test. PYTHONFAULTHANDLER also puts the stacks of a crashed rank into the failure message.
     """
     import warnings
 
-    hooks = tmp_path / "stack_dump_hook"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text("import faulthandler, signal\n"
-                                            "faulthandler.register(signal.SIGUSR1, all_threads=True)\n")
-    python_path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD_SIZE),
                "--standalone", *worker_args]
     for attempt in (1, 2):

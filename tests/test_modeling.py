@@ -106,6 +106,42 @@ def test_reusing_an_instance_never_shifts_positions(official, reference):
     _assert_parity("eval.logits after reuse", first, reference["eval.logits"])
 
 
+def test_triton_backend_reproduces_the_fixture(fixture_dir, reference, official):
+    """The model on its Triton path (the interpreter on CPU): prefill (chunked kernel on the fused projection's
+    strided views, fused gated norm), step-by-step decode (decode kernel) and gradients, as on the torch path."""
+    model = TransNormerLLMForCausalLM.from_pretrained(fixture_dir / "released", dtype=torch.float32,
+                                                      attention_backend="triton").eval()
+    ids = reference["train.input_ids"]
+    with torch.no_grad():
+        _assert_parity("triton eval.logits", model(ids, use_cache=False).logits, reference["eval.logits"])
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache, steps = out.cache if hasattr(out, "cache") else out.past_key_values, [*steps, out.logits]
+    _assert_parity("triton decode.logits", torch.cat(steps, dim=1), reference["decode.logits"])
+    gradients = []
+    for backend_model in (model, official):
+        backend_model.zero_grad()
+        backend_model(ids, labels=ids).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in backend_model.named_parameters()})
+        backend_model.zero_grad()
+    for name, grad in gradients[0].items():
+        _assert_parity(f"triton grad {name}", grad, gradients[1][name])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_after_an_inference_mode_forward(backend):
+    """The first forward under torch.inference_mode (an eval loop, a pipeline) must not leave tensors that
+    autograd cannot save: the decay rates are cached per device at their first use."""
+    model = TransNormerLLMForCausalLM(tiny_config(attention_backend=backend))
+    ids = torch.randint(3, 48, (2, 9))
+    with torch.inference_mode():
+        model(ids)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_official_config_loads_unchanged(fixture_dir):
     raw = json.loads((fixture_dir / "released" / "config.json").read_text())
     assert "model_type" not in raw

@@ -153,7 +153,20 @@ class TransNormerLLMAttention(nn.Module):
         # Python floats, turned into an fp32 tensor at use: a float buffer would follow the model to bf16,
         # where the last layer's lambda = exp(-slope * 1e-5) rounds to exactly 1.
         self.decay_rates = decay_rates(self.num_heads, layer_idx, config.num_hidden_layers)
+        self._decay_rates_by_device: dict[torch.device, torch.Tensor] = {}
         self.backend = config.attention_backend
+
+    def decay_rates_on(self, device: torch.device) -> torch.Tensor:
+        """The (H,) fp32 decay rates on `device`, copied there once: a fresh `torch.tensor(..., device="cuda")` in
+        every forward would be a blocking host-to-device copy, which waits for all queued GPU work in every layer."""
+        if torch.compiler.is_compiling():  # a constant of the compiled graph: no copy at run time
+            return torch.tensor(self.decay_rates, dtype=torch.float32, device=device)
+        rates = self._decay_rates_by_device.get(device)
+        if rates is None:
+            with torch.inference_mode(False):  # made under inference mode, autograd could not save it later
+                rates = torch.tensor(self.decay_rates, dtype=torch.float32, device=device)
+            self._decay_rates_by_device[device] = rates
+        return rates
 
     def forward(
         self,
@@ -174,7 +187,7 @@ class TransNormerLLMAttention(nn.Module):
             # The only use of the padding mask (spec 5): padded tokens add nothing to the state, which makes
             # left padding exact because decay and LRPE are relative.
             v = v * padding_mask[:, :, None, None].to(v.dtype)
-        rates = torch.tensor(self.decay_rates, dtype=torch.float32, device=q.device)
+        rates = self.decay_rates_on(q.device)
         if state is not None and length == 1 and cu_seqlens is None:
             out, new_state = lightning_attn_step(q, k, v, rates, state, backend=self.backend)
         else:

@@ -262,7 +262,7 @@ def _packed_boundaries(position_ids: torch.Tensor | None, padding_mask: torch.Te
     if not bool(starts[:, 1:].any()):
         return None
     flat_starts = starts.flatten().nonzero().flatten()
-    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    total = torch.full((1,), position_ids.numel(), device=position_ids.device)  # no host-to-device copy
     return torch.cat([flat_starts, total]).to(torch.int64)
 
 

@@ -108,7 +108,8 @@ def test_reusing_an_instance_never_shifts_positions(official, reference):
 
 def test_triton_backend_reproduces_the_fixture(fixture_dir, reference, official):
     """The model on its Triton path (the interpreter on CPU): prefill (chunked kernel on the fused projection's
-    strided views, fused gated norm), step-by-step decode (decode kernel) and gradients, as on the torch path."""
+    strided views, fused gated norm), step-by-step decode (decode kernel), a left-padded batch, packed documents
+    (cu_seqlens) and gradients, as on the torch path."""
     model = TransNormerLLMForCausalLM.from_pretrained(fixture_dir / "released", dtype=torch.float32,
                                                       attention_backend="triton").eval()
     ids = reference["train.input_ids"]
@@ -119,6 +120,14 @@ def test_triton_backend_reproduces_the_fixture(fixture_dir, reference, official)
             out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
             cache, steps = out.cache if hasattr(out, "cache") else out.past_key_values, [*steps, out.logits]
     _assert_parity("triton decode.logits", torch.cat(steps, dim=1), reference["decode.logits"])
+    mask = reference["pad.attention_mask"]
+    with torch.no_grad():
+        padded = model(reference["pad.input_ids"], attention_mask=mask, use_cache=False).logits
+        _assert_parity("triton pad.logits", padded[mask.bool()], reference["pad.logits"][mask.bool()])
+        # packed documents (positions restart inside the rows): the kernel's cu_seqlens path
+        position_ids = torch.cat([torch.arange(n) for n in (10, 20, 7)])[None].expand(ids.shape[0], -1)
+        packed = [m(ids, position_ids=position_ids, use_cache=False).logits for m in (model, official)]
+    _assert_parity("triton packed logits", *packed)
     gradients = []
     for backend_model in (model, official):
         backend_model.zero_grad()

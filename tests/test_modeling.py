@@ -51,16 +51,22 @@ def test_eval_logits(official, reference):
     _assert_parity("eval.logits", logits, reference["eval.logits"])
 
 
-def test_step_by_step_decode(official, reference):
-    ids = reference["train.input_ids"]
+def _step_by_step(model, ids):
+    """Feed `ids` one token at a time through the cache: (logits (B, N, V), the cache)."""
     cache, steps = None, []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            out = official(ids[:, t:t + 1], cache=cache, use_cache=True)
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
             cache = out.cache if hasattr(out, "cache") else out.past_key_values
             steps.append(out.logits)
+    return torch.cat(steps, dim=1), cache
+
+
+def test_step_by_step_decode(official, reference):
+    ids = reference["train.input_ids"]
+    logits, cache = _step_by_step(official, ids)
     assert cache.get_seq_length() == ids.shape[1]
-    _assert_parity("decode.logits", torch.cat(steps, dim=1), reference["decode.logits"])
+    _assert_parity("decode.logits", logits, reference["decode.logits"])
 
 
 def test_long_prefill_states_and_next_token(official, reference):
@@ -113,15 +119,10 @@ def test_triton_backend_reproduces_the_fixture(fixture_dir, reference, official)
     model = TransNormerLLMForCausalLM.from_pretrained(fixture_dir / "released", dtype=torch.float32,
                                                       attention_backend="triton").eval()
     ids = reference["train.input_ids"]
-    with torch.no_grad():
-        _assert_parity("triton eval.logits", model(ids, use_cache=False).logits, reference["eval.logits"])
-        cache, steps = None, []
-        for t in range(ids.shape[1]):
-            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            cache, steps = out.cache if hasattr(out, "cache") else out.past_key_values, [*steps, out.logits]
-    _assert_parity("triton decode.logits", torch.cat(steps, dim=1), reference["decode.logits"])
+    _assert_parity("triton decode.logits", _step_by_step(model, ids)[0], reference["decode.logits"])
     mask = reference["pad.attention_mask"]
     with torch.no_grad():
+        _assert_parity("triton eval.logits", model(ids, use_cache=False).logits, reference["eval.logits"])
         padded = model(reference["pad.input_ids"], attention_mask=mask, use_cache=False).logits
         _assert_parity("triton pad.logits", padded[mask.bool()], reference["pad.logits"][mask.bool()])
         # packed documents (positions restart inside the rows): the kernel's cu_seqlens path

@@ -19,6 +19,7 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
+
 @triton.jit
 def _cross_entropy_rows_kernel(
     LOGITS, LABELS, LOSS,

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
-from transnormer_hf.quickstart import decode_step_seconds, same_size_llama
+from transnormer_hf.baselines import decode_step_seconds, same_size_llama
 
 PARTS = ("train", "profile", "decode", "static", "prefill", "longest")
 

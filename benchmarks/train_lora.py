@@ -31,7 +31,7 @@ def build(kind: str, preset: str, vocab_size: int) -> torch.nn.Module:
     if kind.startswith("tnl"):
         tnl.attention_backend = kind.split("-")[1]
         return TransNormerLLMForCausalLM(tnl)
-    from transnormer_hf.quickstart import same_size_llama
+    from transnormer_hf.baselines import same_size_llama
 
     llama = same_size_llama(tnl)  # same width, depth, heads and vocabulary; MLP widened to match the parameter count
     llama.config._attn_implementation = "sdpa"
@@ -98,7 +98,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": platform.python_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "setup": "Llama: quickstart.same_size_llama (parameter-matched, SDPA); LoRA r16 all-linear, bf16 autocast, "
+        "setup": "Llama: baselines.same_size_llama (parameter-matched, SDPA); LoRA r16 all-linear, bf16 autocast, "
                  "gradient checkpointing, batch 1, AdamW; warm-up step excluded",
         "results": [],
     }

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transnormer_hf.cli import main
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
-from transnormer_hf.quickstart import QuickstartSetup, run_quickstart, same_size_llama, save_and_reload, train_tokenizer
+from transnormer_hf.baselines import same_size_llama
+from transnormer_hf.quickstart import QuickstartSetup, run_quickstart, save_and_reload, train_tokenizer
 
 # A few-second version of the quickstart's setup, for the tests that call run_quickstart twice.
 TINY = QuickstartSetup(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

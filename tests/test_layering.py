@@ -1,4 +1,4 @@
-"""The dependency arrows of the design: kernels <- model <- conversion; the CLI on top; nothing imports tests."""
+"""The dependency arrows: kernels <- model <- conversion; the CLI on top; no import cycle; nothing imports tests."""
 
 import ast
 import sys
@@ -69,3 +69,105 @@ def test_kernels_are_installed_inside_the_package_namespace(tmp_path):
     probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert str(REPO) not in found.stdout, f"a top-level `kernels` resolves to this repository: {found.stdout}"
+
+
+# ---- the package's own import graph: no cycle, and the CLI dispatcher imported by nobody
+
+# Where each package of the install lives in the repository (pyproject.toml's package-dir).
+PACKAGE_FOLDERS = {
+    "transnormer_hf": REPO / "src" / "transnormer_hf",
+    "transnormer_hf.kernels": REPO / "kernels",
+    "transnormer_hf.conversion": REPO / "conversion",
+}
+DISPATCHER = "transnormer_hf.cli"
+# `python -m transnormer_hf` runs the dispatcher; nothing else may import it.
+DISPATCHER_IMPORTERS = {"transnormer_hf.__main__"}
+
+
+def _modules(folders: dict[str, Path]) -> dict[str, Path]:
+    """Installed module name -> source file, for every .py under each package folder."""
+    modules = {}
+    for package, folder in folders.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+def _import_graph(folders: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules of the same install it imports (anywhere in the file, lazy imports included).
+
+    `from P import n` counts as importing P.n when that is a module, else P; importing P.Q.m also runs the
+    `__init__` of P and P.Q, except those of the importer's own enclosing packages (already being imported).
+    """
+    modules = _modules(folders)
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(filter(None, (*parent, node.module)))
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        edges = set()
+        for target in targets:
+            parts = target.split(".")
+            for length in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:length])
+                own_ancestor = length < len(parts) and (name == prefix or name.startswith(prefix + "."))
+                if prefix in modules and prefix != name and not own_ancestor:
+                    edges.add(prefix)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (as a path that returns to its start) per back edge a depth-first search meets."""
+    cycles, state = [], {}  # state: 1 on the current path, 2 finished
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_lazy_two_module_cycle_and_accepts_a_package_importing_its_modules(tmp_path):
+    (tmp_path / "__init__.py").write_text("from .a import f\n")
+    (tmp_path / "a.py").write_text("def f():\n    from .b import g\n    return g\n")
+    (tmp_path / "b.py").write_text("from . import c\n\ndef g():\n    from .a import f\n")
+    (tmp_path / "c.py").write_text("from pkg.a import f\nimport os\n")
+    graph = _import_graph({"pkg": tmp_path})
+    assert graph == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a", "pkg.c"}, "pkg.c": {"pkg.a"}}
+    assert _cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"], ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _import_graph(PACKAGE_FOLDERS)
+    assert {"transnormer_hf.kernels.reference", "transnormer_hf.conversion.cli", DISPATCHER} <= set(graph)
+    cycles = [" -> ".join(cycle) for cycle in _cycles(graph)]
+    assert not cycles, "import cycles in transnormer_hf:\n" + "\n".join(cycles)
+
+
+def test_only_the_entry_point_imports_the_cli_dispatcher():
+    graph = _import_graph(PACKAGE_FOLDERS)
+    importers = {name for name, targets in graph.items() if DISPATCHER in targets}
+    assert importers == DISPATCHER_IMPORTERS, f"modules importing the dispatcher {DISPATCHER}: {sorted(importers)}"

@@ -3,6 +3,7 @@
 A subcommand module exposes `register(subparsers)`, which adds its parser and sets `handler` (a function
 taking the parsed arguments and returning an exit code). Expected failures raise `CLIError` or a
 ValueError/OSError and are printed as one line, without a traceback (set TRANSNORMER_HF_DEBUG=1 for one).
+What subcommands share lives in `cli_common.py`: the dispatcher imports them, nothing imports the dispatcher.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit code 2."""
+from .cli_common import CLIError
 
 
 def _command_modules() -> list:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_common import CLIError, resolve_device, silence_known_warnings
+
 # A Hub repository id: "name" or "owner/name" (letters, digits, '-', '_', '.').
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 TNL_MODEL_TYPES = ("transnormer_llm", "transnormer")  # ours, the official remote-code one
@@ -45,8 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    from .cli import CLIError
-
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer; got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -61,8 +61,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _local_or_hub(name: str, what: str) -> str:
     """`name` as a local folder (which must exist) or a Hub id; a path that does not exist is a CLIError."""
-    from .cli import CLIError
-
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -75,8 +73,6 @@ def _local_or_hub(name: str, what: str) -> str:
 
 def _config_dict(source: str) -> dict:
     """config.json of a local folder or Hub repository, as a dict."""
-    from .cli import CLIError
-
     local = Path(source)
     if local.is_dir():
         config_path = local / "config.json"
@@ -100,7 +96,6 @@ def load_model_and_tokenizer(model_name: str, tokenizer_name: str | None, device
     from transformers import AutoTokenizer
 
     from . import TransNormerLLMForCausalLM
-    from .cli import CLIError
 
     source = _local_or_hub(model_name, "model")
     model_type = _config_dict(source).get("model_type", "transnormer")  # the official config.json has none
@@ -152,8 +147,6 @@ def _progress_streamer(total: int):
 def _run_from_args(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
-
-    from .quickstart import resolve_device, silence_known_warnings
 
     _check_arguments(args)
     device = resolve_device(args.device)

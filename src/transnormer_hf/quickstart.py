@@ -13,12 +13,13 @@ import argparse
 import ast
 import json
 import math
-import statistics
 import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .cli_common import CLIError, resolve_device, silence_known_warnings
 
 # Modules whose docstrings form the corpus: long English prose with code examples, present in the
 # standard library of every Python from 3.10 on (none of the modules removed by PEP 594).
@@ -36,7 +37,6 @@ CORPUS_MODULES = (
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the config's pad, bos and eos defaults
 DEFAULT_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
 SAMPLE_PROMPTS = ("Return the", "The default value of", "This module provides")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
-    from .cli import CLIError
-
     if args.steps < 1:
         raise CLIError(f"--steps must be a positive integer; got {args.steps}")
     try:
@@ -100,31 +98,6 @@ def _run_from_args(args: argparse.Namespace) -> int:
         print("transnormer-hf quickstart: interrupted", file=sys.stderr)
         return 130
     return 130 if summary["interrupted"] else 0
-
-
-def resolve_device(device: str) -> str:
-    """Map --device (auto|cpu|cuda) to "cpu" or "cuda"; asking for cuda without a GPU is a CLIError."""
-    import torch
-
-    from .cli import CLIError
-
-    if device not in DEVICES:
-        raise CLIError(f"--device must be one of {', '.join(DEVICES)}; got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was requested but torch sees no CUDA GPU; use --device cpu or auto")
-    return device
-
-
-def silence_known_warnings() -> None:
-    """Hide the transformers output a CLI user cannot act on: the per-file bars of save and load.
-
-    (The Trainer's pin_memory warning on CPU is avoided by not asking for pinned memory there.)
-    """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the "Writing model shards" / "Loading weights" bars
 
 
 # ---- corpus and tokenizer
@@ -328,87 +301,12 @@ def sample(model, tokenizer, prompts, seed: int, device: str) -> tuple[list[str]
 # ---- decode cost against a same-size Llama
 
 
-def same_size_llama(config):
-    """A randomly initialised LlamaForCausalLM with TNL's width, depth, heads, vocabulary and ~its size.
-
-    TNL's token mixer has 5 d x d projections (q, k, v, gate, out), Llama's 4; the extra d^2 per layer goes
-    into Llama's MLP (3 d x inner), rounded to a multiple of 64 (an odd width such as 6315 misaligns the rows and
-    halves the matmul speed on an H100), so the parameter counts agree within 0.4% for the released shapes.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    llama_config = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=64 * round((config.intermediate_size + config.hidden_size / 3) / 64),
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads, max_position_embeddings=1 << 20,
-        tie_word_embeddings=True, pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
-    return LlamaForCausalLM(llama_config)
-
-
-def _tensor_bytes(*tensors) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-
-
-def _cache_at_context(model, context: int, device: str, batch: int = 1):
-    """A cache of `batch` rows as after `context` tokens, built without a prefill; returns it with its bytes.
-
-    TNL: one decode step gives every layer its fixed-size state; the token counter is then set to `context`
-    (it only moves the LRPE angles). Llama: every layer gets keys and values of `context` random vectors.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    from .cache_transnormer import TransNormerLLMCache
-    from .modeling_transnormer import CACHE_FIELD, TransNormerLLMPreTrainedModel
-
-    config = model.config
-    if isinstance(model, TransNormerLLMPreTrainedModel):
-        cache = TransNormerLLMCache(config)
-        with torch.no_grad():
-            model(input_ids=torch.ones(batch, 1, dtype=torch.int64, device=device), use_cache=True,
-                  **{CACHE_FIELD: cache})
-        cache.seen_tokens = context
-        return cache, cache.state_bytes
-    head_dim = config.hidden_size // config.num_attention_heads
-    cache = DynamicCache(config=config)
-    dtype = next(model.parameters()).dtype
-    for layer_idx in range(config.num_hidden_layers):
-        keys, values = (torch.randn(batch, config.num_key_value_heads, context, head_dim, dtype=dtype, device=device)
-                        for _ in range(2))
-        cache.update(keys, values, layer_idx)
-    return cache, sum(_tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
-
-
-def decode_step_seconds(model, context: int, steps: int, device: str, batch: int = 1) -> tuple[float, int]:
-    """Median wall time of one greedy decode step of `batch` rows at `context` tokens, and the cache bytes there."""
-    import torch
-
-    from .modeling_transnormer import CACHE_FIELD
-
-    cache, cache_bytes = _cache_at_context(model, context, device, batch)
-    token = torch.ones(batch, 1, dtype=torch.int64, device=device)
-    times = []
-    with torch.no_grad():
-        for step in range(steps + 1):  # the first step is a warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            logits = model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache}).logits
-            token = logits[:, -1:].argmax(-1)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times), cache_bytes
-
-
 def decode_scaling(tnl_model, contexts, steps: int, device: str, seed: int) -> list[dict]:
     """Per-token decode time and cache memory of TNL and a same-size Llama at each context length."""
     import torch
     from tqdm.auto import tqdm
+
+    from .baselines import decode_step_seconds, same_size_llama
 
     torch.manual_seed(seed)
     llama = same_size_llama(tnl_model.config).to(device=device, dtype=tnl_model.dtype).eval()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError
+from .cli_common import CLIError
 from .configuration_transnormer import PRESETS
 
 # A few-second model for smoke tests and CPU experiments (not a released size).

@@ -13,7 +13,8 @@ def _gpu_suite_alone() -> bool:
     gpu_suite = Path(__file__).resolve().parent / "gpu"
     paths = [Path(arg.split("::")[0]).resolve() for arg in sys.argv[1:] if not arg.startswith("-")]
     paths = [path for path in paths if path.exists()]
-    return bool(paths) and all(path.is_relative_to(gpu_suite) for path in paths) and shutil.which("nvidia-smi") is not None
+    nvidia = shutil.which("nvidia-smi") is not None or Path("/dev/nvidiactl").exists()
+    return bool(paths) and all(path.is_relative_to(gpu_suite) for path in paths) and nvidia
 
 
 # Both must be set before any @triton.jit module (torch imports triton) or transformers is imported. The CPU suite runs

@@ -10,6 +10,7 @@ at the released shapes, the 1B-shaped model and `transnormer-hf train` (see the 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -38,10 +39,13 @@ def main() -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         out.write(f"$ {' '.join(['python', *command[1:]])}\n")
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Unbuffered, so that a run stopped by a time limit still leaves every finished test's line in the log.
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in process.stdout:
             sys.stdout.write(line)
             out.write(line)
+            out.flush()
     print(f"log written to {log}")
     return process.wait()
 

@@ -62,16 +62,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-@pytest.fixture
-def device() -> torch.device:
-    return DEVICE
-
-
 @pytest.fixture(autouse=True)
-def _seed_and_free_memory():
-    """Seeds every device (tests/conftest.py's seed, again, to be explicit here) and returns cached GPU memory after
-    each test, so one test's tensors cannot make a later one run out."""
-    torch.manual_seed(0)
+def _release_gpu_memory():
+    """Returns cached GPU memory after each test, so that one test's tensors cannot make a later one run out. (Seeds:
+    tests/conftest.py seeds every device before each test; the device is gpu_suite.DEVICE.)"""
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -2,11 +2,14 @@
 the GPU, in fp32, bf16 and fp16: prefill + decode, generate() with the default and the static cache on a left-padded
 batch, the chunked loss forward and backward, gradient checkpointing.
 
-Reference: the same weights in fp32 on the torch path (no Triton). Tolerances:
+Reference for logits: the same weights in fp32 on the torch path (no Triton). Tolerances:
 - fp32 on Triton: relative RMS error at most 1e-5 from the reference (the bound the official fixture's fp32 outputs
   are held to; TF32 products would be ~1e-3 off);
 - bf16, fp16: at most 2x the error of the torch path in the same dtype, plus one unit roundoff of the dtype
   (gpu_suite.SLACK; the kernels round P and the state to the input dtype), and finite.
+The loss and its gradients (sums over all tokens, where a fixed bound would be wrong for small, cancelling
+gradients such as LRPE's theta) are held to the float64 torch path instead: in every dtype at most 2x the torch
+path's error in that dtype plus gpu_suite.SLACK.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, t
     model.zero_grad(set_to_none=True)
     loss = model(ids, labels=ids).loss
     loss.backward()
-    return loss.detach().float(), {name: p.grad.float() for name, p in model.named_parameters()}
+    wide = torch.float64 if loss.dtype == torch.float64 else torch.float32
+    return loss.detach().to(wide), {name: p.grad.to(wide) for name, p in model.named_parameters()}
 
 
 # Gradients compared: the tied embedding / head, and the first (LRPE) and last layers' token and channel mixers.
@@ -132,17 +136,18 @@ GRADS = ("model.embed_tokens.weight", "model.layers.0.token_mixer.qkvu_proj.weig
 
 @pytest.fixture(scope="module")
 def loss_reference(weights):
+    """The float64 torch path's full-logits loss and the GRADS gradients."""
     ids = torch.randint(3, _config().vocab_size, (1, LOSS_TOKENS), device=DEVICE)
-    loss, grads = _loss_and_grads(_model(weights, "torch", torch.float32), ids)
-    last = _config().num_hidden_layers - 1
-    return ids, loss, {name.format(last=last): grads[name.format(last=last)] for name in GRADS}
+    loss, grads = _loss_and_grads(_model(weights, "torch", torch.float64), ids)
+    names = [name.format(last=_config().num_hidden_layers - 1) for name in GRADS]
+    return ids, loss, {name: grads[name] for name in names}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_chunked_loss_and_gradient_checkpointing(weights, loss_reference, dtype):
     """Training forward + backward on Triton with the chunked loss (4 chunks, no full logits), with and without
-    gradient checkpointing, against the reference's full-logits loss. Checkpointing recomputes the same kernels,
-    so its loss must equal the plain run's exactly and its gradients must pass the same tolerance."""
+    gradient checkpointing, against the float64 full-logits loss, with the torch path's full-logits run in the same
+    dtype as the baseline. Checkpointing recomputes the same kernels, so its loss must equal the plain run's exactly."""
     ids, ref_loss, ref_grads = loss_reference
     baseline_loss, baseline_grads = _loss_and_grads(_model(weights, "torch", dtype), ids)
     model = _model(weights, "triton", dtype, loss_chunk_size=LOSS_CHUNK)
@@ -154,7 +159,6 @@ def test_chunked_loss_and_gradient_checkpointing(weights, loss_reference, dtype)
     assert len(calls) == 2, "with checkpointing the layer's forward must run again in backward"
     assert torch.equal(runs["checkpointed"][0], runs["plain"][0]), "checkpointing changed the loss"
     for run, (loss, grads) in runs.items():
-        _check(f"{run} chunked loss", loss, ref_loss, baseline_loss, dtype)
+        assert_close_to_ref(f"{run} chunked loss", loss, ref_loss, baseline_loss, slack=SLACK[dtype])
         for name, ref in ref_grads.items():
-            _check(f"{run} grad {name}", grads[name], ref, baseline_grads[name], dtype)
-
+            assert_close_to_ref(f"{run} grad {name}", grads[name], ref, baseline_grads[name], slack=SLACK[dtype])

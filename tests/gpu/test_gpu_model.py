@@ -109,6 +109,7 @@ def test_generate_on_a_left_padded_batch(weights, dtype, cache):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
                              return_dict_in_generate=True, output_logits=True, **extra)
     logits = torch.stack(out.logits, dim=1).float()  # (B, NEW_TOKENS, V)
+    assert torch.isfinite(logits).all(), f"{cache} generate() returned non-finite logits"
     assert torch.equal(out.sequences[:, PROMPT:], logits.argmax(-1)), "a greedy token is not its logits' argmax"
     reference, baseline = _model(weights, "torch", torch.float32), _model(weights, "torch", dtype)
     for row in range(2):

@@ -1,13 +1,27 @@
 """Test set-up: offline Hub, the Triton interpreter on CPU, seeds, fixture paths, tiny configs."""
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
-# Both must be set before any @triton.jit module or transformers is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _gpu_suite_alone() -> bool:
+    """Whether pytest was asked to collect only paths inside tests/gpu, on a machine with an NVIDIA driver: the GPU
+    suite (`pytest -m gpu tests/gpu`), which runs the compiled kernels. Read from the command line because this must
+    be decided before torch is imported (torch imports triton, which reads TRITON_INTERPRET then)."""
+    gpu_suite = Path(__file__).resolve().parent / "gpu"
+    paths = [Path(arg.split("::")[0]).resolve() for arg in sys.argv[1:] if not arg.startswith("-")]
+    paths = [path for path in paths if path.exists()]
+    nvidia = shutil.which("nvidia-smi") is not None or Path("/dev/nvidiactl").exists()
+    return bool(paths) and all(path.is_relative_to(gpu_suite) for path in paths) and nvidia
+
+
+# Both must be set before any @triton.jit module (torch imports triton) or transformers is imported. The CPU suite runs
+# the kernels in Triton's interpreter; an explicit TRITON_INTERPRET wins.
+os.environ.setdefault("TRITON_INTERPRET", "0" if _gpu_suite_alone() else "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

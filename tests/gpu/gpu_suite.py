@@ -1,0 +1,45 @@
+"""What the GPU suite's tests share: the device, the released shapes, the lengths, the dtypes and the tolerance slack.
+
+`TNL_GPU_SUITE_DEVICE=cpu` (with TRITON_INTERPRET=1) is the dry run: the same test bodies on CPU, at tiny shapes,
+to check the tests themselves where there is no GPU. Nothing here needs CUDA to import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from transnormer_hf.configuration_transnormer import PRESETS
+
+DEVICE = torch.device(os.environ.get("TNL_GPU_SUITE_DEVICE", "cuda"))
+DRY = DEVICE.type == "cpu"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# (heads, head dim) of the released sizes; a layer with LRPE has d_k = 2 d_v (cos and sin halves).
+if DRY:
+    HEADS = {name: (2, 16) for name in PRESETS}
+else:
+    HEADS = {name: (fields["num_attention_heads"], fields["attention_hidden_size"] // fields["num_attention_heads"])
+             for name, fields in PRESETS.items()}
+# The issue's lengths: one token, a partial chunk, and 2K, 8K and 64K tokens (the last takes the segment split).
+LENGTHS = (1, 63, 130, 200, 300) if DRY else (1, 63, 2048, 8192, 65536)
+LONGEST = LENGTHS[-1]
+
+# The kernels round P and the state to the input dtype for their tensor-core products (as fla does, see the
+# docstring of kernels/triton_lightning_attn.py), while the torch twin keeps them in fp32 and rounds only its output.
+# Each such rounding adds about one unit roundoff of relative error, so a kernel's error may be 2x the twin's plus
+# one unit roundoff of its dtype: 2^-8 (bf16), 2^-11 (fp16). fp32 products are exact IEEE products (TF32 would be
+# ~1e-3 off), so only the summation order differs from the twin's: 2^-20 (8 fp32 units).
+SLACK = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def representable(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bf16 with fp16-subnormal magnitudes set to 0: exact in fp32, bf16 and fp16 alike, so one
+    float64 truth serves the three dtypes."""
+    x = x.bfloat16().float()
+    return torch.where(x.abs() < 2.0**-14, torch.zeros_like(x), x)

@@ -1,0 +1,209 @@
+"""The Triton kernels at the released shapes (385M, 1B, 7B heads; LRPE layers with d_k = 2 d_v), in fp32, bf16 and
+fp16, against the float64 truth, with the torch twin in the same dtype as the baseline.
+
+Tolerance (every comparison): the kernel's relative RMS error from the float64 truth is at most 2x the twin's plus
+gpu_suite.SLACK[dtype] (one unit roundoff of the dtype, for the kernel's rounding of P and the state to the input
+dtype; 2^-20 in fp32). A shared-memory or register limit at any of these shapes is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from checks import assert_close_to_ref
+from gpu_suite import DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, representable
+
+from transnormer_hf.kernels import (
+    gated_srms_norm,
+    gated_srms_norm_ref,
+    lightning_attn,
+    lightning_attn_chunk_ref,
+    lightning_attn_recurrent_ref,
+    lightning_attn_step,
+    srms_norm,
+    srms_norm_ref,
+)
+from transnormer_hf.modeling_transnormer import decay_rates
+
+PRESETS = tuple(HEADS)
+# The LRPE layer is layer 0 (strongest decay, d_k = 2 d_v); the plain layer is the last (rates ~1e-5: lambda ~ 1,
+# the state sums the whole sequence).
+KINDS = ("lrpe", "plain")
+NAMES = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
+
+
+def _layer(preset: str, kind: str) -> tuple[int, int, int, torch.Tensor]:
+    """(heads, d_k, d_v, decay rates) of the preset's LRPE layer 0 or its last (plain) layer."""
+    heads, head_dim = HEADS[preset]
+    num_layers = 30 if preset == "7B" else 16 if preset == "1B" else 24
+    layer = 0 if kind == "lrpe" else num_layers - 1
+    rates = torch.tensor(decay_rates(heads, layer, num_layers), dtype=torch.float32, device=DEVICE)
+    return heads, (2 if kind == "lrpe" else 1) * head_dim, head_dim, rates
+
+
+def _cases():
+    """(preset, kind, length, dtype), dtype innermost so the three dtypes of a shape share one cached truth. At the
+    longest length the 7B shape runs in bf16 only (its float64 truth alone is ~15 GB and the fp32 twin as much)."""
+    for length in LENGTHS:
+        for preset in PRESETS:
+            for kind in KINDS:
+                for dtype in DTYPES:
+                    if length == LONGEST and preset == "7B" and dtype != torch.bfloat16:
+                        continue
+                    yield pytest.param(preset, kind, length, dtype,
+                                       id=f"{preset}-{kind}-N{length}-{dtype_name(dtype)}")
+
+
+def _inputs(batch: int, lengths: tuple[int, ...] | int, preset: str, kind: str, seed: int) -> dict:
+    """fp32 inputs exact in every dtype (q, k as after the model's SiLU), fp32 states, float64 gradient seeds."""
+    heads, key_dim, value_dim, rates = _layer(preset, kind)
+    total = lengths if isinstance(lengths, int) else sum(lengths)
+    num_states = batch if isinstance(lengths, int) else len(lengths)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE)
+
+    silu = torch.nn.functional.silu
+    return dict(
+        q=representable(silu(randn(batch, total, heads, key_dim))),
+        k=representable(silu(randn(batch, total, heads, key_dim))),
+        v=representable(randn(batch, total, heads, value_dim)),
+        h0=randn(num_states, heads, key_dim, value_dim),
+        do=representable(randn(batch, total, heads, value_dim)).double(),
+        dht=randn(num_states, heads, key_dim, value_dim).double(),
+        rates=rates,
+    )
+
+
+def _fwd_bwd(fn, inputs: dict, dtype: torch.dtype, **kwargs) -> dict[str, torch.Tensor]:
+    """o, the final state and the gradients of (o . do + final_state . dht) w.r.t. q, k, v and the initial state."""
+    q, k, v = (inputs[name].to(dtype).requires_grad_() for name in "qkv")
+    h0 = inputs["h0"].to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    o, final_state = fn(q, k, v, inputs["rates"], initial_state=h0, output_final_state=True, **kwargs)
+    loss = (o.double() * inputs["do"]).sum() + (final_state.double() * inputs["dht"]).sum()
+    grads = torch.autograd.grad(loss, (q, k, v, h0))
+    assert o.dtype == dtype and final_state.dtype == h0.dtype
+    return dict(zip(NAMES, (o.detach(), final_state.detach(), *grads)))
+
+
+@functools.lru_cache(maxsize=1)  # the dtypes of one shape run in a row (see _cases); one truth held at a time
+def _truth(batch: int, lengths: tuple[int, ...] | int, preset: str, kind: str, seed: int) -> tuple[dict, dict]:
+    inputs = _inputs(batch, lengths, preset, kind, seed)
+    cu_seqlens = _cu_seqlens(lengths)
+    return inputs, _fwd_bwd(lightning_attn_chunk_ref, inputs, torch.float64, cu_seqlens=cu_seqlens)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_truth():
+    yield
+    _truth.cache_clear()
+
+
+def _cu_seqlens(lengths: tuple[int, ...] | int) -> torch.Tensor | None:
+    if isinstance(lengths, int):
+        return None
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+@pytest.fixture
+def split_runs(monkeypatch):
+    """Counts the kernel's segment-split runs (each carries the segments' states once); in the dry run the split
+    thresholds drop to the tiny lengths there, as in tests/test_kernels_attention.py."""
+    from transnormer_hf.kernels import triton_lightning_attn as module
+
+    runs = []
+    carry = module._carry_states
+
+    def counting_carry(*args, **kwargs):
+        runs.append(1)
+        return carry(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_carry_states", counting_carry)
+    if DRY:
+        monkeypatch.setattr(module, "_MIN_SEGMENT", 64)
+        monkeypatch.setattr(module, "_MIN_SPLIT_TOKENS", LONGEST)
+    return runs
+
+
+def _check_against_truth(got: dict, baseline: dict, truth: dict, dtype: torch.dtype, label: str) -> None:
+    for name in NAMES:
+        assert got[name].shape == truth[name].shape, f"{label} {name}: shape {tuple(got[name].shape)}"
+        assert_close_to_ref(f"{label} {name}", got[name], truth[name], baseline[name], slack=SLACK[dtype])
+
+
+@pytest.mark.parametrize("preset, kind, length, dtype", list(_cases()))
+def test_attention_forward_backward_states(preset, kind, length, dtype, split_runs):
+    batch = 1 if length == LONGEST else 2
+    inputs, truth = _truth(batch, length, preset, kind, seed=length)
+    got = _fwd_bwd(lightning_attn, inputs, dtype, backend="triton")
+    # The longest length leaves B * H * value slices far below two programs per SM: the segment split must run.
+    assert bool(split_runs) == (length == LONGEST), f"segment split runs: {len(split_runs)}"
+    baseline = _fwd_bwd(lightning_attn, inputs, dtype, backend="torch")
+    _check_against_truth(got, baseline, truth, dtype, f"{preset} {kind} N={length}")
+
+
+# Packed sequences: empty and 1-token ones, a partial chunk, and one long sequence among short ones. With 7 sequences
+# the grid is small enough for the long one to be split into segments; with 16 it is not.
+VARLEN = {
+    "split": (0, 1, 63, 300, 1, 40, 0) if DRY else (0, 1, 63, 20000, 1, 2048, 0),
+    "whole": (1, 0, 63, 300, 1, 5, 40, 2, 0, 7, 1, 9, 64, 65, 3, 1) if DRY else
+             (1, 0, 63, 20000, 1, 5, 2048, 2, 0, 777, 1, 9, 64, 65, 3, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("packing", tuple(VARLEN))
+def test_attention_varlen(packing, kind, dtype, split_runs):
+    lengths = VARLEN[packing]
+    inputs, truth = _truth(1, lengths, "1B", kind, seed=len(lengths))
+    cu_seqlens = _cu_seqlens(lengths)
+    got = _fwd_bwd(lightning_attn, inputs, dtype, cu_seqlens=cu_seqlens, backend="triton")
+    # (The dry run's tiny grids are always below its 264-program CPU target: both packings split there.)
+    assert bool(split_runs) == (packing == "split" or DRY), f"segment split runs: {len(split_runs)}"
+    baseline = _fwd_bwd(lightning_attn, inputs, dtype, cu_seqlens=cu_seqlens, backend="torch")
+    _check_against_truth(got, baseline, truth, dtype, f"varlen {packing} {kind}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_step(preset, kind, dtype):
+    """The one-token step (its own kernel) on a batch of 4 from a random fp32 state."""
+    inputs = _inputs(4, 1, preset, kind, seed=7)
+    q, k, v = (inputs[name].to(dtype) for name in "qkv")
+    rates, state = inputs["rates"], inputs["h0"]
+    o, new_state = lightning_attn_step(q, k, v, rates, state, backend="triton")
+    o_twin, state_twin = lightning_attn_step(q, k, v, rates, state, backend="torch")
+    o_truth, state_truth = lightning_attn_recurrent_ref(q.double(), k.double(), v.double(), rates,
+                                                        initial_state=state.double(), output_final_state=True)
+    assert o.dtype == dtype and new_state.dtype == torch.float32
+    assert_close_to_ref(f"{preset} {kind} step o", o, o_truth, o_twin, slack=SLACK[dtype])
+    assert_close_to_ref(f"{preset} {kind} step state", new_state, state_truth, state_twin, slack=SLACK[dtype])
+
+
+# Widths of the norms: the hidden size (token and channel norms) and the attention width (the gated output norm).
+WIDTHS = {name: heads * head_dim for name, (heads, head_dim) in HEADS.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("gated", [False, True], ids=["srms_norm", "gated_srms_norm"])
+def test_norm_forward_backward(gated, preset, dtype):
+    """SRMSNorm (the token and channel norms) and the gated output norm u * norm(o) on 8K rows of the preset's width."""
+    rows, width = (64 if DRY else 8192), WIDTHS[preset]
+    x, gate, dy = (representable(torch.randn(rows, width, device=DEVICE)) for _ in range(3))
+
+    def run(op, dtype, **backend):
+        inputs = [tensor.to(dtype).requires_grad_() for tensor in ((x, gate) if gated else (x,))]
+        out = op(*inputs, 1e-6, **backend)
+        return [out.detach(), *torch.autograd.grad((out.double() * dy.double()).sum(), inputs)]
+
+    op, ref = (gated_srms_norm, gated_srms_norm_ref) if gated else (srms_norm, srms_norm_ref)
+    got, baseline, truth = run(op, dtype, backend="triton"), run(ref, dtype), run(ref, torch.float64)
+    for name, out, twin, exact in zip(("y", "dx", "dgate"), got, baseline, truth):
+        assert out.dtype == dtype, f"{name}: {out.dtype}"
+        assert_close_to_ref(f"{preset} {name}", out, exact, twin, slack=SLACK[dtype])

@@ -112,6 +112,7 @@ def lightning_attn(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention with per-head decay exp(-decay_rates); see `reference.py` for the math.
@@ -123,20 +124,22 @@ def lightning_attn(
         initial_state: (B, H, d_k, d_v), or (number of sequences, ...) with `cu_seqlens`; fp32.
         output_final_state: also return the final state, fp32.
         cu_seqlens: int (S + 1,) boundaries of S sequences packed in a B == 1 batch; the state resets at each.
+        output_dtype: dtype of o (default v's). There is no softmax denominator, so o grows with the sequence
+            (past fp16's 65504 on long inputs): fp16 models take it in torch.float32.
         backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
 
     Returns:
-        (o of shape (B, N, H, d_v) in v's dtype, final state or None).
+        (o of shape (B, N, H, d_v) in `output_dtype`, final state or None).
     """
     validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
     if resolve_backend(backend, q.device) == "triton":
         return _triton_module("triton_lightning_attn").lightning_attn(
             q, k, v, decay_rates, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, output_dtype=output_dtype,
         )
     return lightning_attn_chunk_ref(
         q, k, v, decay_rates, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, output_dtype=output_dtype,
     )
 
 

@@ -84,6 +84,7 @@ def _per_sequence(
     initial_state: Tensor | None,
     output_final_state: bool,
     cu_seqlens: Tensor,
+    output_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run `form` on each packed sequence of a (1, total, H, D) batch, resetting the state at each boundary."""
     bounds = cu_seqlens.tolist()
@@ -92,7 +93,7 @@ def _per_sequence(
         state = None if initial_state is None else initial_state[index : index + 1]
         out, final = form(
             q[:, begin:end], k[:, begin:end], v[:, begin:end], decay_rates,
-            scale=scale, initial_state=state, output_final_state=True,
+            scale=scale, initial_state=state, output_final_state=True, output_dtype=output_dtype,
         )
         outputs.append(out)
         final_states.append(final)
@@ -114,11 +115,12 @@ def lightning_attn_parallel_ref(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The quadratic definition with an explicit N x N decay mask; the float64 truth for tests."""
     if cu_seqlens is not None:
         return _per_sequence(lightning_attn_parallel_ref, q, k, v, decay_rates, scale,
-                             initial_state, output_final_state, cu_seqlens)
+                             initial_state, output_final_state, cu_seqlens, output_dtype)
     dtype = _state_dtype(q)
     length = q.shape[1]
     qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # (B, H, N, D)
@@ -134,7 +136,7 @@ def lightning_attn_parallel_ref(
         state = initial_state.to(dtype)
         out = out + (qh * torch.exp(-rates * (position + 1).view(1, -1, 1))) @ state
         final_state = final_state + torch.exp(-rates * length) * state
-    out = (scale * out).transpose(1, 2).to(v.dtype)
+    out = (scale * out).transpose(1, 2).to(output_dtype or v.dtype)
     return out, (final_state if output_final_state else None)
 
 
@@ -148,11 +150,12 @@ def lightning_attn_recurrent_ref(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The token loop S_t = lambda S_{t-1} + k_t^T v_t, o_t = scale q_t S_t; with N == 1 it is a decode step."""
     if cu_seqlens is not None:
         return _per_sequence(lightning_attn_recurrent_ref, q, k, v, decay_rates, scale,
-                             initial_state, output_final_state, cu_seqlens)
+                             initial_state, output_final_state, cu_seqlens, output_dtype)
     dtype = _state_dtype(q)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -166,7 +169,7 @@ def lightning_attn_recurrent_ref(
     for t in range(length):
         state = decay * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, d_k, d_v)
         outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], state))
-    out = (scale * torch.stack(outputs, dim=1)).to(v.dtype)  # (B, N, H, d_v)
+    out = (scale * torch.stack(outputs, dim=1)).to(output_dtype or v.dtype)  # (B, N, H, d_v)
     return out, (state if output_final_state else None)
 
 
@@ -180,6 +183,7 @@ def lightning_attn_chunk_ref(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
     block_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
     """Block-wise form: memory O(N * block). Per block of m tokens (i, j = 0..m-1 inside it):
@@ -195,7 +199,7 @@ def lightning_attn_chunk_ref(
     if cu_seqlens is not None and (initial_state is not None or output_final_state):
         return _per_sequence(
             lambda *a, **kw: lightning_attn_chunk_ref(*a, block_size=block_size, **kw),
-            q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens,
+            q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype,
         )
     dtype = _state_dtype(q)
     batch, length, heads, key_dim = q.shape
@@ -233,7 +237,7 @@ def lightning_attn_chunk_ref(
         out = torch.cat(outputs, dim=2)
     else:
         out = qh.new_zeros(batch, heads, 0, value_dim)
-    out = (scale * out).transpose(1, 2).to(v.dtype)  # (B, N, H, d_v)
+    out = (scale * out).transpose(1, 2).to(output_dtype or v.dtype)  # (B, N, H, d_v)
     return out, (state if output_final_state else None)
 
 

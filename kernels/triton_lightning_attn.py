@@ -68,6 +68,7 @@ def _lightning_attn_sweep_kernel(
     DIM_A: tl.constexpr, DIM_C: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
     C_SLICES: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_STATE_IN: tl.constexpr,
     STORE_STATE_OUT: tl.constexpr, STORE_OUT: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """out[t, h, slice] for one program (c slice, sequence i_n, head i_h); see the module docstring for the roles
     of a, b, c. Program id 0 modulo C_SLICES is the c slice, so the backward kernel can call this one for
@@ -135,14 +136,15 @@ def _lightning_attn_sweep_kernel(
             if UPCAST:
                 b_a = b_a.to(tl.float32)
             out_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, out_exp, 0).to(tl.float32)), 0.0)
-            b_scores = tl.dot(b_a, tl.trans(b_b)) * intra_decay  # (CHUNK, CHUNK) fp32
-            b_out = tl.dot(b_scores.to(b_c.dtype), b_c)
-            b_out += tl.dot(b_a, b_state.to(b_a.dtype)) * (out_decay * inter_scale)[:, None]
+            b_scores = tl.dot(b_a, tl.trans(b_b), input_precision=INPUT_PRECISION) * intra_decay  # (CHUNK, CHUNK) fp32
+            b_out = tl.dot(b_scores.to(b_c.dtype), b_c, input_precision=INPUT_PRECISION)
+            b_out += tl.dot(b_a, b_state.to(b_a.dtype), input_precision=INPUT_PRECISION) * (out_decay * inter_scale)[:, None]
             tl.store(p_o0 + rows * stride_o_t, b_out.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
         update_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, update_exp, 0).to(tl.float32)), 0.0)
         b_b_decayed = (b_b * (update_decay * update_scale)[:, None]).to(b_c.dtype)
-        b_state = b_state * tl.exp2(log2_decay * size.to(tl.float32)) + tl.dot(tl.trans(b_b_decayed), b_c)
+        b_state = b_state * tl.exp2(log2_decay * size.to(tl.float32)) + tl.dot(tl.trans(b_b_decayed), b_c,
+                                                                        input_precision=INPUT_PRECISION)
 
     if STORE_STATE_OUT:
         p_so = (state_out_ptr + i_n.to(tl.int64) * stride_so_n + i_h * stride_so_h
@@ -163,7 +165,7 @@ def _lightning_attn_bwd_kernel(
     KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
     C_SLICES: tl.constexpr, DQ_SLOT: tl.constexpr, DK_SLOT: tl.constexpr, DV_SLOT: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    CHUNK: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    CHUNK: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Several gradient sweeps in one launch: program id 0 is (slot, c slice), and the slot picks dq, dk or dv
     (a slot of -1: not in this launch). One launch instead of three saves host time, which bounds short inputs."""
@@ -176,6 +178,7 @@ def _lightning_attn_bwd_kernel(
                 stride_dq_t, stride_dq_h, stride_h0_n, stride_h0_h, stride_h0_v, stride_h0_k, 0, 0, 0, 0,
                 scale, scale, 1.0,
                 VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, C_SLICES, CHUNK, False, HAS_H0, False, True, VARLEN, UPCAST,
+                INPUT_PRECISION,
             )
     if DK_SLOT >= 0:
         if slot == DK_SLOT:  # (v, do, q, G^T), reverse
@@ -185,6 +188,7 @@ def _lightning_attn_bwd_kernel(
                 stride_dk_t, stride_dk_h, stride_dht_n, stride_dht_h, stride_dht_v, stride_dht_k, 0, 0, 0, 0,
                 scale, 1.0, scale,
                 VALUE_DIM, KEY_DIM, BLOCK_A, BLOCK_C, C_SLICES, CHUNK, True, HAS_DHT, False, True, VARLEN, UPCAST,
+                INPUT_PRECISION,
             )
     if DV_SLOT >= 0:
         if slot == DV_SLOT:  # (k, q, do, G), reverse; G ends as the initial state's gradient
@@ -195,21 +199,66 @@ def _lightning_attn_bwd_kernel(
                 stride_dh0_n, stride_dh0_h, stride_dh0_k, stride_dh0_v,
                 scale, 1.0, scale,
                 KEY_DIM, VALUE_DIM, BLOCK_A, BLOCK_C, C_SLICES, CHUNK, True, HAS_DHT, STORE_DH0, True, VARLEN, UPCAST,
+                INPUT_PRECISION,
             )
 
 
+@torch.compiler.assume_constant_result  # Dynamo guards on torch's matmul precision itself, so a change recompiles
+def fp32_dot_precision() -> str:
+    """"tf32" when torch allows TF32 for fp32 CUDA matmuls ("high"/"medium", allow_tf32), else "ieee" (the default).
+
+    Read at each call; the custom ops take it as an argument, so it is part of a compiled graph and of the
+    kernels' compile key (the INPUT_PRECISION constexpr). 16-bit inputs ignore it.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; reflects the legacy setters as well
+        return "tf32" if matmul.fp32_precision == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+_SHARED_MEMORY_OFF_CUDA = 232448  # bytes a block may use on an H100/H200: the interpreter and the sm_90 compile test
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (the opt-in maximum per block)."""
+    if device.type != "cuda":
+        return _SHARED_MEMORY_OFF_CUDA
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _shared_memory_estimate(block_a: int, block_c: int, num_stages: int, itemsize: int) -> int:
+    """An upper bound of the sweep's shared memory: `num_stages` buffers of one chunk's a, b and c tiles.
+
+    Exact for TF32 and 16-bit dots; IEEE fp32 dots need less (tests/test_gpu_compile.py checks the bound
+    against the compiled kernels for sm_90). Without outputs (the split's pass 1) `a` is never loaded."""
+    return num_stages * CHUNK_SIZE * (2 * block_a + block_c) * itemsize
+
+
 @functools.lru_cache(maxsize=None)  # triton's next_power_of_2 costs microseconds on the host, per call
-def _launch_config(dim_a: int, dim_c: int) -> tuple[int, int, int, int]:
+def _launch_config(dim_a: int, dim_c: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_A, BLOCK_C, num_warps, num_stages): the whole a/b width in one tile, the c width in slices.
 
     Measured on an H100 (benchmarks/results/attention_h100_8warps.json, "launch_configs"): at d = 128,
-    4 warps run forward+backward 1.7x faster than 8; at d_k = 256, 8 warps and 3 stages were best.
+    4 warps run forward+backward 1.7x faster than 8; at d_k = 256, 8 warps and 3 stages were best (bf16).
+    Chosen before launch to fit the device's shared memory: fewer pipeline stages first, then narrower c
+    slices (fp32 and fp16, computed in fp32, at d = 256 on an H100: 1 stage; bf16 keeps the tuned configs).
     """
     block_a = max(16, triton.next_power_of_2(dim_a))
     block_c = max(16, min(64, triton.next_power_of_2(dim_c)))
-    if block_a <= 128:
-        return block_a, block_c, 4, 2
-    return block_a, block_c, 8, 3
+    num_warps, num_stages = (4, 2) if block_a <= 128 else (8, 3)
+    itemsize, limit = (4 if _upcast(dtype) else dtype.itemsize), _shared_memory_limit(device)
+    while num_stages > 1 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
+        num_stages -= 1
+    while block_c > 16 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
+        block_c //= 2
+    needed = _shared_memory_estimate(block_a, block_c, num_stages, itemsize)
+    if needed > limit:
+        raise ValueError(
+            f"the Triton Lightning Attention kernel cannot hold d_k/d_v = {dim_a}/{dim_c} in {dtype} within this "
+            f"GPU's shared memory ({needed} bytes needed, {limit} available); use backend='torch' or smaller heads"
+        )
+    return block_a, block_c, num_warps, num_stages
 
 
 # ---- splitting long sequences into segments (more programs when the natural grid is too small) ----
@@ -345,11 +394,11 @@ def _carry_states(partial: torch.Tensor, plan: _SegmentPlan, state_in: torch.Ten
 
 
 def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_len, num_seqs, scales,
-                  reverse, store_out):
+                  reverse, store_out, precision):
     """One launch over (c slices, sequences, heads). States are fp32 (seqs, H, dim_a, dim_c) views of any
     strides; `seq_bounds` is (starts, ends) of each sequence, or None for num_seqs runs of seq_len tokens."""
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
-    block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c)
+    block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c, a.dtype, a.device)
     seq_starts, seq_ends = seq_bounds if seq_bounds is not None else (None, None)
     c_slices = -(-dim_c // block_c)
     _lightning_attn_sweep_kernel[(c_slices, num_seqs, heads)](
@@ -361,9 +410,25 @@ def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_l
         *scales,
         DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices, CHUNK=CHUNK_SIZE,
         REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
-        STORE_OUT=store_out, VARLEN=seq_bounds is not None, UPCAST=_INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
+        STORE_OUT=store_out, VARLEN=seq_bounds is not None, UPCAST=_upcast(a.dtype),
+        INPUT_PRECISION=_input_precision(a.dtype, precision), num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """Whether the kernel turns its loaded tiles into fp32: under the interpreter (whose bf16 arithmetic is wrong)
+    and for fp16, whose range the scores and the state outgrow (no softmax denominator: on long inputs the state
+    and the output reach 1e5 and more, past fp16's 65504); bf16 has fp32's range and keeps 16-bit dots."""
+    return _INTERPRET or dtype == torch.float16
+
+
+def _input_precision(dtype: torch.dtype, fp32_precision: str) -> str | None:
+    """The dots' input_precision: `fp32_precision` for fp32 inputs; TF32 for fp16 inputs, computed in fp32 (TF32
+    keeps fp16's 10-bit mantissa, so fp16 values multiply exactly, with fp32's range); Triton's default (unused)
+    for bf16, so its compiled kernels stay what they were."""
+    if dtype == torch.float16:
+        return "tf32"
+    return fp32_precision if dtype == torch.float32 else None
 
 
 def _state_strides(state: torch.Tensor | None) -> tuple[int, ...]:
@@ -371,11 +436,11 @@ def _state_strides(state: torch.Tensor | None) -> tuple[int, ...]:
 
 
 def _launch_backward(roles, dims, q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, cu_seqlens, *, seq_len, num_seqs,
-                     scale):
+                     scale, precision):
     """One launch of the gradient sweeps `roles` (a tuple of "dq", "dk", "dv" whose kernel (dim_a, dim_c) are
     both `dims`, so they share one launch config); tensors as in `_lightning_attn_bwd`."""
     heads, key_dim, value_dim = q.shape[-2], q.shape[-1], v.shape[-1]
-    block_a, block_c, num_warps, num_stages = _launch_config(*dims)
+    block_a, block_c, num_warps, num_stages = _launch_config(*dims, q.dtype, q.device)
     c_slices = -(-dims[1] // block_c)
     seq_starts, seq_ends = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else (None, None)
     slots = {role: roles.index(role) if role in roles else -1 for role in ("dq", "dk", "dv")}
@@ -387,7 +452,8 @@ def _launch_backward(roles, dims, q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, 
         KEY_DIM=key_dim, VALUE_DIM=value_dim, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices,
         DQ_SLOT=slots["dq"], DK_SLOT=slots["dk"], DV_SLOT=slots["dv"],
         HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        CHUNK=CHUNK_SIZE, VARLEN=cu_seqlens is not None, UPCAST=_INTERPRET,
+        CHUNK=CHUNK_SIZE, VARLEN=cu_seqlens is not None, UPCAST=_upcast(q.dtype),
+        INPUT_PRECISION=_input_precision(q.dtype, precision),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -411,13 +477,13 @@ def _plan_sweep(a: torch.Tensor, c: torch.Tensor, sequences: _Sequences, reverse
                 with_exits: bool) -> _SegmentPlan | None:
     """`_plan_split` for the sweep with inputs a (tokens, H, dim_a) and c (tokens, H, dim_c)."""
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
-    c_slices = -(-dim_c // _launch_config(dim_a, dim_c)[1])
+    c_slices = -(-dim_c // _launch_config(dim_a, dim_c, a.dtype, a.device)[1])
     return _plan_split(a.shape[0], c_slices * heads, sequences.host_cu_seqlens, sequences.seq_len,
                        sequences.num_seqs, reverse, with_exits, a.device)
 
 
 def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences, *, scales, reverse,
-           transpose_state, entry_states=None):
+           transpose_state, precision, entry_states=None):
     """Compute `out` (and `state_out`) of one sweep, split into segments when `plan` is not None. States are
     (seqs, H, d_k, d_v) fp32; `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps.
 
@@ -433,9 +499,11 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences
     if plan is None:
         seq_bounds = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else None
         _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, seq_len=sequences.seq_len,
-                      num_seqs=sequences.num_seqs, scales=scales, reverse=reverse, store_out=True)
+                      num_seqs=sequences.num_seqs, scales=scales, reverse=reverse, store_out=True,
+                      precision=precision)
         return None
-    sweep = functools.partial(_launch_sweep, a, b, c, out, rates, seq_len=0, scales=scales, reverse=reverse)
+    sweep = functools.partial(_launch_sweep, a, b, c, out, rates, seq_len=0, scales=scales, reverse=reverse,
+                              precision=precision)
     num_segments = plan.starts.numel()
     if entry_states is None:
         heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
@@ -464,20 +532,23 @@ def _state_or_empty(wanted: bool, num_seqs: int, q: torch.Tensor, v: torch.Tenso
     return q.new_empty(shape, dtype=torch.float32)
 
 
-def _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
-    """Returns (o in v's dtype, final state fp32 (seqs, H, d_k, d_v), or an empty tensor when not asked)."""
+def _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype,
+                        precision):
+    """Returns (o in `output_dtype`, final state fp32 (seqs, H, d_k, d_v), or an empty tensor when not asked)."""
+    for dims in ((q.shape[-1], v.shape[-1]), (v.shape[-1], q.shape[-1])):  # forward and backward sweeps
+        _launch_config(*dims, q.dtype, q.device)  # a clear error before any launch when the heads cannot fit
     sequences = _sequences(q, cu_seqlens)
     q, k, v_flat = _flat(q), _flat(k), _flat(v)
-    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    o = torch.empty(v.shape, dtype=output_dtype, device=v.device)
     final_state = _state_or_empty(output_final_state, sequences.num_seqs, q, v)
     plan = _plan_sweep(q, v_flat, sequences, reverse=False, with_exits=output_final_state)
     _sweep(q, k, v_flat, o.view(v_flat.shape), decay_rates, initial_state,
            final_state if output_final_state else None, cu_seqlens, plan, sequences,
-           scales=(scale, scale, 1.0), reverse=False, transpose_state=False)
+           scales=(scale, scale, 1.0), reverse=False, transpose_state=False, precision=precision)
     return o, final_state
 
 
-def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht):
+def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht, precision):
     """Returns (dq, dk, dv, dh0 fp32 (seqs, H, d_k, d_v)); states are recomputed, none is stored.
 
     Without a split, the three gradient sweeps take one launch (two when d_k != d_v: their launch configs
@@ -506,7 +577,8 @@ def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, 
             a, b, c, out, state_in, state_out, scales, reverse, transpose_state = sweeps[name]
             reused = dv_entry_states.transpose(-1, -2) if name == "dk" and shared else None
             entry_states = _sweep(a, b, c, out, decay_rates, state_in, state_out, cu_seqlens, plans[name], sequences,
-                                  scales=scales, reverse=reverse, transpose_state=transpose_state, entry_states=reused)
+                                  scales=scales, reverse=reverse, transpose_state=transpose_state, precision=precision,
+                                  entry_states=reused)
             if name == "dv":
                 dv_entry_states = entry_states
     else:
@@ -515,7 +587,8 @@ def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, 
             ("dq", "dk"): (value_dim, key_dim), ("dv",): (key_dim, value_dim)}
         for roles, dims in groups.items():
             _launch_backward(roles, dims, q, k, v, do, dq, dk, dv, decay_rates, initial_state, dht, dh0_out,
-                             cu_seqlens, seq_len=sequences.seq_len, num_seqs=sequences.num_seqs, scale=scale)
+                             cu_seqlens, seq_len=sequences.seq_len, num_seqs=sequences.num_seqs, scale=scale,
+                             precision=precision)
     dq, dk, dv = (grad.view(shape) for grad, shape in zip((dq, dk, dv), shapes))
     return dq, dk, dv, dh0
 
@@ -526,46 +599,48 @@ def _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, 
 def lightning_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_rates: torch.Tensor, scale: float,
     initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
+    output_dtype: torch.dtype, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (o, final_state fp32 or a 0-element tensor)."""
-    return _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens)
+    """Triton forward: (o, final_state fp32 or a 0-element tensor); `precision` is fp32 inputs' dot precision."""
+    return _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens,
+                               output_dtype, precision)
 
 
 @lightning_attn_fwd_op.register_fake
-def _(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
+def _(q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype, precision):
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(v), _state_or_empty(output_final_state, num_seqs, q, v)
+    return torch.empty_like(v, dtype=output_dtype), _state_or_empty(output_final_state, num_seqs, q, v)
 
 
 @torch.library.custom_op("transnormer_hf::lightning_attn_bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def lightning_attn_bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_rates: torch.Tensor, scale: float,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-    dht: torch.Tensor | None,
+    dht: torch.Tensor | None, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dq, dk, dv, d initial_state fp32 or a 0-element tensor)."""
-    return _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht)
+    return _lightning_attn_bwd(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht, precision)
 
 
 @lightning_attn_bwd_op.register_fake
-def _(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht):
+def _(q, k, v, decay_rates, scale, initial_state, cu_seqlens, do, dht, precision):
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dh0 = _state_or_empty(initial_state is not None, num_seqs, q, v)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens = inputs
+    q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype, precision = inputs
     ctx.save_for_backward(q, k, v, decay_rates, initial_state, cu_seqlens)
-    ctx.scale = scale
+    ctx.scale, ctx.precision = scale, precision
 
 
 def _backward(ctx, do, dht, backward_op=lightning_attn_bwd_op):
     q, k, v, decay_rates, initial_state, cu_seqlens = ctx.saved_tensors
     if dht is not None and dht.numel() == 0:  # the final state was not returned
         dht = None
-    dq, dk, dv, dh0 = backward_op(q, k, v, decay_rates, ctx.scale, initial_state, cu_seqlens, do, dht)
-    return dq, dk, dv, None, None, (dh0 if initial_state is not None else None), None, None
+    dq, dk, dv, dh0 = backward_op(q, k, v, decay_rates, ctx.scale, initial_state, cu_seqlens, do, dht, ctx.precision)
+    return dq, dk, dv, None, None, (dh0 if initial_state is not None else None), None, None, None, None
 
 
 lightning_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -576,8 +651,9 @@ class LightningAttnFunction(torch.autograd.Function):
     costs about 0.4 ms of host time per forward+backward (measured on CPU with launches stubbed)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens):
-        inputs = (q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens)
+    def forward(ctx, q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype,
+                precision):
+        inputs = (q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype, precision)
         _setup_context(ctx, inputs, None)
         return _lightning_attn_fwd(*inputs)
 
@@ -589,7 +665,7 @@ class LightningAttnFunction(torch.autograd.Function):
 def lightning_attn(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_rates: torch.Tensor, *, scale: float = 1.0,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None, output_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton Lightning Attention; arguments and return value as `transnormer_hf.kernels.lightning_attn`."""
     if not (q.dtype == k.dtype == v.dtype):
@@ -601,5 +677,6 @@ def lightning_attn(
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     # torch.compile traces the custom op (no graph break); eager code takes the cheaper Function.
     op = lightning_attn_fwd_op if torch.compiler.is_compiling() else LightningAttnFunction.apply
-    o, final_state = op(q, k, v, decay_rates, float(scale), initial_state, output_final_state, cu_seqlens)
+    o, final_state = op(q, k, v, decay_rates, float(scale), initial_state, output_final_state, cu_seqlens,
+                        output_dtype or v.dtype, fp32_dot_precision())
     return o, (final_state if output_final_state else None)

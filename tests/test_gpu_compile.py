@@ -7,6 +7,11 @@ compile-only warm-up; the launchers then run on CPU tensors, so each kernel is c
 with the ptxas that ships with Triton, with exactly the arguments and constexprs the launchers pass: forward
 and backward, d_k = d_v and d_k = 2 d_v, 16- and 32-bit inputs, varlen, states, the segment split, every
 autotune config of the decode kernel, the norms and the cross-entropy rows.
+
+For sm_90 it also reads what each compiled attention kernel needs: its shared memory must fit an H100/H200
+(fp32 at TNL-1B's LRPE heads, d_k = 256, once needed 442368 bytes) for every head-size pair, dtype and mode
+the launchers see, and its PTX must use TF32 tensor-core products exactly when torch's matmul precision
+allows TF32.
 """
 
 from __future__ import annotations
@@ -20,31 +25,64 @@ import pytest
 import torch
 
 TARGETS = (90, 80)  # H100, A100
+HOPPER_SHARED_MEMORY = 232448  # bytes a block may use on an H100/H200, also what the launchers assume off CUDA
+# (d_k, d_v) pairs whose every launch config is compiled and measured: TNL's heads and LRPE's doubled keys
+HEAD_DIMS = ((64, 64), (128, 128), (256, 128), (128, 64), (256, 256))
+
+
+def _run_worker(capability: int) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, str(capability)], env=env, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, f"compiling for sm_{capability} failed:\n{result.stderr[-6000:]}"
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("capability", TARGETS)
 def test_every_kernel_compiles_for_the_gpu(capability):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, __file__, str(capability)], env=env, capture_output=True, text=True,
-                            timeout=1200)
-    assert result.returncode == 0, f"compiling for sm_{capability} failed:\n{result.stderr[-6000:]}"
-    compiled = json.loads(result.stdout.splitlines()[-1])
+    report = _run_worker(capability)
+    compiled = report["variants"]
     # kernel name -> distinct (constexprs, options) variants compiled to a cubin
     assert set(compiled) == {"_lightning_attn_sweep_kernel", "_lightning_attn_bwd_kernel",
                              "_lightning_attn_step_kernel", "_srms_norm_fwd_kernel", "_srms_norm_bwd_kernel",
                              "_cross_entropy_rows_kernel"}, compiled
     assert compiled["_lightning_attn_step_kernel"] >= 4, "not every autotune config of the decode kernel compiled"
     assert compiled["_lightning_attn_sweep_kernel"] >= 10 and compiled["_lightning_attn_bwd_kernel"] >= 4, compiled
+    if capability != 90:
+        return
+    launches = report["attention_launches"]
+    # Every launch config picked for HEAD_DIMS x {fp32 (IEEE and TF32), bf16, fp16} x {forward, backward, split,
+    # varlen} fits the H100/H200 and needs no more than the launcher's estimate (what it plans with elsewhere).
+    too_big = [x for x in launches if x["shared"] > min(HOPPER_SHARED_MEMORY, x["estimate"])]
+    assert not too_big, too_big
+    modes = {(x["dtype"], x["precision"], x["mode"]) for x in launches}
+    for dtype, precision in (("float32", "ieee"), ("float32", "tf32"), ("bfloat16", None), ("float16", None)):
+        for mode in ("fwd", "bwd", "split", "varlen"):
+            assert (dtype, precision, mode) in modes, (dtype, precision, mode)
+    assert {tuple(x["head_dims"]) for x in launches} >= set(HEAD_DIMS)
+    # fp32 dots follow torch: TF32 tensor-core products (mma/wgmma ...tf32) only under "high"/"medium".
+    for launch in launches:
+        if launch["dtype"] == "float32":
+            assert launch["tf32_in_ptx"] == (launch["precision"] == "tf32"), launch
 
 
 # ---- the worker: compile-only launches on CPU tensors -------------------------------------------------------------
 
-def _install_compile_only_driver(capability: int) -> dict[str, set]:
-    """A fake active driver reporting `sm_<capability>`; every kernel launch compiles (through ptxas) and returns."""
+_ATTENTION_KERNELS = ("_lightning_attn_sweep_kernel", "_lightning_attn_bwd_kernel")
+
+
+def _install_compile_only_driver(capability: int) -> tuple[dict[str, set], list[dict], dict]:
+    """A fake active driver reporting `sm_<capability>`; every kernel launch compiles (through ptxas) and returns.
+
+    Returns (kernel name -> compiled variants, a record of every attention launch, the context the caller sets
+    for the records: "mode", "head_dims"). Attention launches whose resources (tiles, warps, stages, dtype, dot
+    precision, outputs) were already compiled take that compile's numbers instead of compiling again."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
+
+    from transnormer_hf.kernels.triton_lightning_attn import _shared_memory_estimate
 
     class CompileOnlyDriver:
         def get_current_device(self):
@@ -58,13 +96,33 @@ def _install_compile_only_driver(capability: int) -> dict[str, set]:
 
     driver.set_active(CompileOnlyDriver())
     variants: dict[str, set] = {}
+    launches: list[dict] = []
+    context: dict = {"mode": None, "head_dims": None, "compile_all": True}
+    resources: dict[tuple, dict] = {}
     compile_kernel = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = compile_kernel(self, *args, grid=grid, warmup=True, **kwargs)
-        if not kernel.asm.get("cubin"):
-            raise RuntimeError(f"{self.fn.__name__}: no cubin")
-        variants.setdefault(self.fn.__name__, set()).add(repr(sorted(kwargs.items())))
+        name = self.fn.__name__
+        resource = None
+        if name in _ATTENTION_KERNELS:
+            dtype = str(args[0].dtype).removeprefix("torch.")
+            resource = (name, dtype, kwargs["INPUT_PRECISION"], kwargs["BLOCK_A"], kwargs["BLOCK_C"],
+                        kwargs["num_warps"], kwargs["num_stages"], kwargs.get("STORE_OUT", True))
+        if resource not in resources or context["compile_all"]:
+            kernel = compile_kernel(self, *args, grid=grid, warmup=True, **kwargs)
+            if not kernel.asm.get("cubin"):
+                raise RuntimeError(f"{name}: no cubin")
+            variants.setdefault(name, set()).add(repr(sorted(kwargs.items())))
+            if resource is not None:
+                resources[resource] = {"shared": kernel.metadata.shared, "tf32_in_ptx": ".tf32" in kernel.asm["ptx"]}
+        if resource is not None and context["mode"] is not None:
+            _, dtype, precision, block_a, block_c, num_warps, num_stages, store_out = resource
+            launches.append({
+                "kernel": name, "dtype": dtype, "precision": precision, "mode": context["mode"],
+                "head_dims": context["head_dims"], "block_a": block_a, "block_c": block_c, "num_warps": num_warps,
+                "num_stages": num_stages, "store_out": store_out, **resources[resource],
+                "estimate": _shared_memory_estimate(block_a, block_c, num_stages, getattr(torch, dtype).itemsize),
+            })
 
     def every_config(self, *args, **kwargs):  # autotuned kernels: compile each config instead of timing them
         for config in self.configs:
@@ -72,7 +130,7 @@ def _install_compile_only_driver(capability: int) -> dict[str, set]:
 
     JITFunction.run = compile_only
     Autotuner.run = every_config
-    return variants
+    return variants, launches, context
 
 
 def _compile_attention(dtype, batch, length, heads, key_dim, value_dim, *, varlen, states):
@@ -87,12 +145,39 @@ def _compile_attention(dtype, batch, length, heads, key_dim, value_dim, *, varle
         q, k, v = (x[:1] for x in (q, k, v))
         cu_seqlens, num_seqs = torch.tensor([0, length // 3, length], dtype=torch.int32), 2
     state = (lambda: torch.randn(num_seqs, heads, key_dim, value_dim)) if states else (lambda: None)
-    out, _ = attention._lightning_attn_fwd(q, k, v, rates, 1.0, state(), states, cu_seqlens)
-    attention._lightning_attn_bwd(q, k, v, rates, 1.0, state(), cu_seqlens, torch.randn_like(out), state())
+    precision = attention.fp32_dot_precision()
+    out, _ = attention._lightning_attn_fwd(q, k, v, rates, 1.0, state(), states, cu_seqlens, dtype, precision)
+    attention._lightning_attn_bwd(q, k, v, rates, 1.0, state(), cu_seqlens, torch.randn_like(out), state(), precision)
 
 
-def _compile_everything(capability: int) -> dict[str, int]:
-    variants = _install_compile_only_driver(capability)
+def _every_attention_launch_config(context: dict) -> None:
+    """Forward and backward through the public Triton op (which reads torch's matmul precision) for every HEAD_DIMS
+    pair, dtype and mode: fixed length, varlen with states, and long enough for the segment split."""
+    from transnormer_hf.kernels import triton_lightning_attn as attention
+
+    context["compile_all"] = False
+    settings = [(torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest"),
+                (torch.float16, "highest")]
+    modes = {"fwd": (200, False), "varlen": (200, True), "split": (40000, False)}
+    for (dtype, matmul_precision), (key_dim, value_dim), (mode, (length, varlen)) in (
+            (s, d, m) for s in settings for d in HEAD_DIMS for m in modes.items()):
+        torch.set_float32_matmul_precision(matmul_precision)
+        context["head_dims"] = [key_dim, value_dim]
+        q, k = (torch.randn(1, length, 2, key_dim, dtype=dtype, requires_grad=True) for _ in range(2))
+        v = torch.randn(1, length, 2, value_dim, dtype=dtype, requires_grad=True)
+        cu_seqlens = torch.tensor([0, 70, length], dtype=torch.int32) if varlen else None
+        state = torch.randn(2, 2, key_dim, value_dim, requires_grad=True) if varlen else None
+        context["mode"] = mode
+        out, _ = attention.lightning_attn(q, k, v, torch.rand(2), initial_state=state, cu_seqlens=cu_seqlens,
+                                          output_final_state=varlen)
+        context["mode"] = "bwd" if mode == "fwd" else mode
+        out.backward(torch.randn_like(out))
+    torch.set_float32_matmul_precision("highest")
+    context["mode"] = None
+
+
+def _compile_everything(capability: int) -> dict:
+    variants, launches, context = _install_compile_only_driver(capability)
     from transnormer_hf.kernels import triton_cross_entropy, triton_decode, triton_srms_norm
 
     shapes = [(torch.bfloat16, 2, 300, 4, 128, 128), (torch.bfloat16, 2, 300, 4, 256, 128),
@@ -104,6 +189,8 @@ def _compile_everything(capability: int) -> dict[str, int]:
     # launchers plan for an H100's 264 programs).
     _compile_attention(torch.bfloat16, 1, 40000, 2, 128, 128, varlen=False, states=True)
     _compile_attention(torch.bfloat16, 1, 40000, 2, 256, 128, varlen=True, states=True)
+    if capability == 90:
+        _every_attention_launch_config(context)
 
     for dtype in (torch.bfloat16, torch.float32):
         q, k = torch.randn(2, 1, 4, 128, dtype=dtype), torch.randn(2, 1, 4, 128, dtype=dtype)
@@ -116,7 +203,7 @@ def _compile_everything(capability: int) -> dict[str, int]:
         for want_grad in (False, True):
             triton_cross_entropy._cross_entropy_rows_(torch.randn(5, 1000, dtype=dtype), torch.tensor([1, 2, -100, 4, 5]),
                                                       -100, want_grad)
-    return {name: len(found) for name, found in variants.items()}
+    return {"variants": {name: len(found) for name, found in variants.items()}, "attention_launches": launches}
 
 
 if __name__ == "__main__":

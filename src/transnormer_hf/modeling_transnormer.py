@@ -188,19 +188,34 @@ class TransNormerLLMAttention(nn.Module):
             # left padding exact because decay and LRPE are relative.
             v = v * padding_mask[:, :, None, None].to(v.dtype)
         rates = self.decay_rates_on(q.device)
+        # fp16: the output has no softmax denominator and grows with position (about 2e5 at 2K tokens in a trained
+        # model's last layers, where lambda ~ 1), past fp16's 65504. The norm after it is scale-invariant, so the
+        # output stays fp32 until it is normalised, and only the normalised values meet fp16 (bf16 has fp32's range).
+        fp32_output = v.dtype == torch.float16
         if state is not None and length == 1 and cu_seqlens is None:
-            out, new_state = lightning_attn_step(q, k, v, rates, state, backend=self.backend)
+            # the step returns v's dtype: an fp32 v (one token) gives an fp32 output
+            out, new_state = lightning_attn_step(q, k, v.float() if fp32_output else v, rates, state,
+                                                 backend=self.backend)
         else:
             out, new_state = lightning_attn(
                 q, k, v, rates, initial_state=state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens, backend=self.backend,
+                cu_seqlens=cu_seqlens, output_dtype=torch.float32 if fp32_output else None, backend=self.backend,
             )
         out = out.reshape(batch, length, -1)  # (B, N, H * D)
-        if isinstance(self.norm, TransNormerLLMSRMSNorm):  # u * norm(out) in one fused pass on Triton
+        if fp32_output:
+            gated = u * self._norm_fp32(out).to(u.dtype)
+        elif isinstance(self.norm, TransNormerLLMSRMSNorm):  # u * norm(out) in one fused pass on Triton
             gated = gated_srms_norm(out, u, self.norm.eps, backend=self.norm.backend)
         else:
             gated = u * self.norm(out)
         return self.out_proj(gated), new_state
+
+    def _norm_fp32(self, out: torch.Tensor) -> torch.Tensor:
+        """The output norm of an fp32 `out`, in fp32 (a LayerNorm's fp16 parameters are upcast for it)."""
+        if isinstance(self.norm, TransNormerLLMSRMSNorm):
+            return self.norm(out)
+        weight, bias = (p.float() if p is not None else None for p in (self.norm.weight, self.norm.bias))
+        return F.layer_norm(out, self.norm.normalized_shape, weight, bias, self.norm.eps)
 
 
 class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):

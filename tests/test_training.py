@@ -75,6 +75,35 @@ def test_cli_prints_summary(tmp_path, capsys, packing):
     assert re.search(r"model tiny: [\d.]+M parameters, [\d.]+M trainable", printed), printed
     assert re.search(rf"data .*: [\d,]+ tokens in \d+ {rows} of at most 128 tokens", printed), printed
     assert re.search(r"done: 1 steps, train loss [\d.]+, [\d,]+ tokens/s", printed), printed
+    # the files it names are the files it wrote
+    named = re.search(r"saved model to (\S+) \(([^)]+)\)", printed)
+    assert named and named.group(1) == str(tmp_path / "out" / "final"), printed
+    assert named.group(2).split(", ") == sorted(path.name for path in (tmp_path / "out" / "final").iterdir())
+    assert {"config.json", "model.safetensors"} <= set(named.group(2).split(", "))
+
+
+def test_final_model_not_written_is_an_error_not_a_success(tmp_path, capsys, monkeypatch):
+    """Under FSDP with SHARDED_STATE_DICT, Trainer.save_model writes nothing, and the command said `saved model`
+    all the same (issue 21, item 11). Accelerate runs FSDP on GPUs only, so here a save_model that writes nothing
+    stands in for it (tests/gpu/test_train_fsdp2_save.py runs the real FSDP2 config): the command must fail
+    with one line that says so, and never claim the save."""
+    from transformers import Trainer
+
+    checkpoint_save = Trainer.save_model
+
+    def save_checkpoints_only(self, output_dir=None, _internal_call=False):
+        if _internal_call:  # Trainer's own checkpoints
+            checkpoint_save(self, output_dir, _internal_call=True)
+
+    monkeypatch.setattr(Trainer, "save_model", save_checkpoints_only)
+    data = _write_corpus(tmp_path / "corpus.txt", documents=6)
+    assert main(_train_args(data, tmp_path / "out", "--max-steps", "1", "--save-steps", "100")) == 2
+    captured = capsys.readouterr()
+    assert "saved model" not in captured.out
+    error = [line for line in captured.err.splitlines() if line.startswith("transnormer-hf")]
+    assert len(error) == 1 and re.fullmatch(
+        r"transnormer-hf train: error: training finished but the final model was not saved to "
+        rf"{re.escape(str(tmp_path / 'out' / 'final'))}: no config\.json .*", error[0]), captured.err
 
 
 def test_cli_loss_chunk_size_reaches_the_saved_config(tmp_path, capsys):

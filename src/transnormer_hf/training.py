@@ -247,6 +247,30 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(f"--eval-fraction must be in [0, 1); got {args.eval_fraction}")
     if args.load_in_4bit and not args.lora:
         raise CLIError("--load-in-4bit trains adapters on frozen 4-bit weights: add --lora")
+    if args.lora and args.model in PRESET_NAMES:
+        raise CLIError(f"--lora trains adapters on a pretrained model, but --model {args.model} is a preset trained "
+                       "from scratch (adapters on its random weights could not be reloaded); give a model folder or "
+                       "Hub id, or drop --lora")
+    if args.model not in PRESET_NAMES:
+        _check_model_source(args.model)
+
+
+def _check_model_source(name: str) -> None:
+    """`name` must be a folder or Hub id holding a TNL model (ours or the official format); anything else, LoRA
+    adapters included, is a CLIError before anything is loaded."""
+    import json
+
+    from .generation_cli import TNL_MODEL_TYPES, _config_dict, _local_or_hub
+
+    source = _local_or_hub(name, "--model")
+    adapter_config = Path(source) / "adapter_config.json"
+    if adapter_config.is_file() and not (Path(source) / "config.json").is_file():
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        raise CLIError(f"--model {name!r} holds LoRA adapters (for base model {base!r}), not a model: give the base "
+                       "model, or merge the adapters into it first (peft's merge_and_unload)")
+    model_type = _config_dict(source).get("model_type", "transnormer")  # the official config.json has none
+    if model_type not in TNL_MODEL_TYPES:
+        raise CLIError(f"--model {name!r} is not a TransNormerLLM model (its config says model_type {model_type!r})")
 
 
 def run_train(args: argparse.Namespace) -> int:

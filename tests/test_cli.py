@@ -128,6 +128,17 @@ def test_generate_greedy_stream_and_beams(tiny_model_dir, capsys):
     assert capsys.readouterr().out.startswith("Return the")
 
 
+def test_generate_with_an_empty_prompt_starts_from_bos(tiny_model_dir, capsys):
+    """As generate() does without input; an empty PROMPT was an internal reshape error (issue 21, item 9)."""
+    assert main(["generate", str(tiny_model_dir), "", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = model.generate(torch.tensor([[tokenizer.bos_token_id]]), max_new_tokens=5, do_sample=False)
+    assert printed[0] == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert "5 tokens" in printed[-1]
+
+
 def test_generate_loads_the_official_format_with_a_separate_tokenizer(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -141,6 +152,11 @@ def test_generate_loads_the_official_format_with_a_separate_tokenizer(tmp_path, 
     assert main(["generate", released, "w5 w6 w7", "--tokenizer", str(tmp_path), "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("w5 w6 w7")
+    # this tokenizer has no BOS token: an empty prompt has nothing to start from
+    assert main(["generate", released, "", "--tokenizer", str(tmp_path), "--max-new-tokens", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "transnormer-hf generate: error: PROMPT is empty and the tokenizer has no BOS token to start from; "
+        "give some text"]
 
 
 def _not_a_tnl_model(tmp_path):

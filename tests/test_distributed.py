@@ -160,9 +160,14 @@ def test_train_cli_under_torchrun_matches_one_process(tmp_path):
     common = ["train", "--model", "tiny", "--data", str(data), "--max-length", "64", "--max-steps", "2",
               "--lr", "1e-2", "--no-progress", "--save-steps", "100", "--logging-steps", "1"]
     assert main([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "2"]) == 0
-    _run_torchrun(tmp_path, "-m", "transnormer_hf", *common, "--output-dir", str(tmp_path / "two"), "--batch-size", "1")
+    run = _run_torchrun(tmp_path, "-m", "transnormer_hf", *common, "--output-dir", str(tmp_path / "two"),
+                        "--batch-size", "1")
+    # one rank reports the save, naming exactly the files the folder holds
+    final = tmp_path / "two" / "final"
+    assert run.stdout.count("saved model to") == 1, run.stdout
+    assert f"saved model to {final} ({', '.join(sorted(path.name for path in final.iterdir()))})" in run.stdout
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    two = load_file(final / "model.safetensors")
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -309,9 +309,7 @@ def test_meta_device_loading_rebuilds_theta(official, tmp_path):
         assert torch.equal(ours, theirs), name
 
 
-@pytest.mark.parametrize(
-    "fields,message",
-    [
+BAD_FIELDS = [
         (dict(hidden_size=0), "hidden_size must be a positive integer"),
         (dict(num_hidden_layers=-1), "num_hidden_layers must be a positive integer"),
         (dict(vocab_size=2.5), "vocab_size must be a positive integer"),
@@ -323,9 +321,14 @@ def test_meta_device_loading_rebuilds_theta(official, tmp_path):
         (dict(rms_norm_eps=0.0), "rms_norm_eps must be positive"),
         (dict(initializer_range=-0.1), "initializer_range must be >= 0"),
         (dict(attention_backend="cuda"), "attention_backend must be 'auto', 'torch' or 'triton'"),
-        (dict(decoder_embed_dim=64), "contradictory config: hidden_size=32 but its official alias decoder_embed_dim=64"),
-    ],
-)
+        (dict(loss_chunk_size=-1), "loss_chunk_size must be a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize("fields,message", [
+    *BAD_FIELDS,
+    (dict(decoder_embed_dim=64), "contradictory config: hidden_size=32 but its official alias decoder_embed_dim=64"),
+])
 def test_config_validation_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**fields)
@@ -342,3 +345,109 @@ def test_official_aliases_and_presets():
     assert (one_b.hidden_size, one_b.num_hidden_layers, one_b.intermediate_size) == (2048, 16, 5632)
     with pytest.raises(ValueError, match="preset must be one of"):
         TransNormerLLMConfig.from_preset("3B")
+
+
+# ---- overriding fields: constructor, from_pretrained, attribute assignment (issue 21, item 2) -----------------------
+
+def _tiny_llama(num_layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                                        num_key_value_heads=2, num_hidden_layers=num_layers))
+
+
+@pytest.mark.parametrize("num_layers", [2, 6])
+def test_from_pretrained_with_another_layer_count_builds_trains_and_saves_like_llama(num_layers, tmp_path):
+    """`from_pretrained(path, num_hidden_layers=n)` on a 4-layer model: Llama builds, trains and saves with n layers;
+    so does TNL, its LRPE flags following the layer count (kept layers keep theirs, added ones get 0)."""
+    ids = torch.randint(3, 48, (2, 9))
+    originals = {"llama": _tiny_llama(4), "tnl": TransNormerLLMForCausalLM(tiny_config(num_hidden_layers=4,
+                                                                                      lrpe_layers=[0, 1, 1, 0]))}
+    for name, original in originals.items():
+        original.save_pretrained(tmp_path / name)
+        model = type(original).from_pretrained(tmp_path / name, num_hidden_layers=num_layers)
+        assert len(model.model.layers) == num_layers, name
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.save_pretrained(tmp_path / f"{name}-{num_layers}")
+        reloaded = type(original).from_pretrained(tmp_path / f"{name}-{num_layers}").eval()
+        assert reloaded.config.num_hidden_layers == num_layers, name
+        kept = original.state_dict()
+        for key, value in reloaded.state_dict().items():
+            if key.startswith("model.layers.") and int(key.split(".")[2]) < 4:
+                assert torch.equal(value, kept[key]), (name, key)
+    assert reloaded.config.lrpe_layers == [0, 1, 1, 0, 0, 0][:num_layers]
+    assert reloaded.config.layer_types == ["linear_attention"] * num_layers
+
+
+def test_official_checkpoint_with_fewer_layers_keeps_its_first_layers(fixture_dir, tmp_path):
+    """The official format names the fields differently (decoder_layers, linear_use_lrpe_list): the override still
+    applies and the first 2 of the fixture's 4 layers load with their weights (each layer's decay rate depends on
+    the layer count, as in the official code, so the outputs are those of a 2-layer TNL)."""
+    model = TransNormerLLMForCausalLM.from_pretrained(fixture_dir / "released", num_hidden_layers=2,
+                                                      dtype=torch.float32)
+    assert (model.config.num_hidden_layers, model.config.lrpe_layers, len(model.model.layers)) == (2, [1, 0], 2)
+    full = TransNormerLLMForCausalLM.from_pretrained(fixture_dir / "released", dtype=torch.float32).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, full[key]), key
+    model.save_pretrained(tmp_path)
+    assert TransNormerLLMConfig.from_pretrained(tmp_path).lrpe_layers == [1, 0]
+
+
+def test_setting_num_hidden_layers_after_construction_like_llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    llama_config = _tiny_llama(3).config
+    llama_config.num_hidden_layers = 2
+    LlamaForCausalLM(llama_config).save_pretrained(tmp_path / "llama")
+    config = tiny_config()  # 3 layers, lrpe_layers [1, 0, 1]
+    config.num_hidden_layers = 2
+    assert (config.lrpe_layers, config.layer_types) == ([1, 0], ["linear_attention"] * 2)
+    config.decoder_layers = 4  # the official name is the same field
+    assert (config.num_hidden_layers, config.lrpe_layers) == (4, [1, 0, 0, 0])
+    config.lrpe_layers = [1, 1, 0, 1]
+    model = TransNormerLLMForCausalLM(config)
+    assert len(model.model.layers) == 4
+    model.save_pretrained(tmp_path / "tnl")
+    assert TransNormerLLMConfig.from_pretrained(tmp_path / "tnl").lrpe_layers == [1, 1, 0, 1]
+
+
+@pytest.mark.parametrize("fields,message", BAD_FIELDS)
+def test_attribute_assignment_is_validated_like_a_constructor_argument(fields, message):
+    config = tiny_config()
+    before = config.to_dict()
+    ((name, value),) = fields.items()
+    with pytest.raises(ValueError, match=message):
+        setattr(config, name, value)
+    assert config.to_dict() == before, "a refused value must leave the config as it was"
+
+
+@pytest.mark.parametrize("fields,message", BAD_FIELDS)
+def test_from_pretrained_overrides_are_validated_like_constructor_arguments(fields, message, tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        TransNormerLLMConfig.from_pretrained(tmp_path, **fields)
+
+
+def test_from_pretrained_overrides_apply_together_in_any_order(tmp_path):
+    tiny_config().save_pretrained(tmp_path)  # 3 layers
+    for overrides in (dict(lrpe_layers=[0, 1], num_hidden_layers=2), dict(num_hidden_layers=2, lrpe_layers=[0, 1])):
+        config = TransNormerLLMConfig.from_pretrained(tmp_path, **overrides)
+        assert (config.num_hidden_layers, config.lrpe_layers) == (2, [0, 1])
+
+
+def test_head_dim_is_accepted_like_llamas(tmp_path):
+    """LlamaConfig takes head_dim; TNL's is attention_hidden_size / heads, so head_dim= sets that width, and one that
+    contradicts it is a clear error (issue 21, item 9: it raised "property 'head_dim' ... has no setter")."""
+    config = TransNormerLLMConfig(hidden_size=32, num_attention_heads=2, head_dim=24, num_hidden_layers=2)
+    assert (config.head_dim, config.attention_hidden_size) == (24, 48)
+    config.save_pretrained(tmp_path)
+    assert TransNormerLLMConfig.from_pretrained(tmp_path, head_dim=8).attention_hidden_size == 16
+    config.head_dim = 16
+    assert config.attention_hidden_size == 32
+    assert TransNormerLLMForCausalLM(config).model.layers[0].token_mixer.head_dim == 16
+    with pytest.raises(ValueError, match=r"head_dim \(16\) must be attention_hidden_size / num_attention_heads "
+                                         r"\(48 / 2\)"):
+        TransNormerLLMConfig(hidden_size=32, num_attention_heads=2, attention_hidden_size=48, head_dim=16)
+    with pytest.raises(ValueError, match="head_dim must be a positive integer; got 0"):
+        config.head_dim = 0

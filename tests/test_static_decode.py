@@ -7,6 +7,7 @@ so these checks cover tracing, guards and recompilation, not inductor's code gen
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from conftest import REPO
 from transformers import CompileConfig
 
 from transnormer_hf import TransNormerLLMCache, TransNormerLLMStaticCache
@@ -137,3 +138,18 @@ def test_default_generate_keeps_the_eager_cache(tiny_model):
     cache = getattr(out, CACHE_FIELD)
     assert type(cache) is TransNormerLLMCache and not cache.is_compileable
     assert TransNormerLLMStaticCache(tiny_model.config).is_compileable
+
+
+def test_on_cpu_generate_does_not_compile_even_with_a_compile_config_as_the_readme_says(tiny_model):
+    """The README used to say that off CUDA a compile_config makes generate() compile; transformers compiles only on
+    accelerators and skips it on a CPU (issue 21, item 10). What the README says now is what happens."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "On a CPU, `generate` does not compile, with or without a `compile_config`" in readme
+    prompt = torch.randint(3, 48, (1, 7))
+    default = tiny_model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    static = tiny_model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                 cache_implementation="static", return_dict_in_generate=True,
+                                 compile_config=CompileConfig(backend="aot_eager", fullgraph=True, mode=None))
+    assert isinstance(getattr(static, CACHE_FIELD), TransNormerLLMStaticCache)
+    assert counters["stats"]["unique_graphs"] == 0  # nothing went through torch.compile
+    assert torch.equal(static.sequences, default)

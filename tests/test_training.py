@@ -75,6 +75,35 @@ def test_cli_prints_summary(tmp_path, capsys, packing):
     assert re.search(r"model tiny: [\d.]+M parameters, [\d.]+M trainable", printed), printed
     assert re.search(rf"data .*: [\d,]+ tokens in \d+ {rows} of at most 128 tokens", printed), printed
     assert re.search(r"done: 1 steps, train loss [\d.]+, [\d,]+ tokens/s", printed), printed
+    # the files it names are the files it wrote
+    named = re.search(r"saved model to (\S+) \(([^)]+)\)", printed)
+    assert named and named.group(1) == str(tmp_path / "out" / "final"), printed
+    assert named.group(2).split(", ") == sorted(path.name for path in (tmp_path / "out" / "final").iterdir())
+    assert {"config.json", "model.safetensors"} <= set(named.group(2).split(", "))
+
+
+def test_final_model_not_written_is_an_error_not_a_success(tmp_path, capsys, monkeypatch):
+    """Under FSDP with SHARDED_STATE_DICT, Trainer.save_model writes nothing, and the command said `saved model`
+    all the same (issue 21, item 11). Accelerate runs FSDP on GPUs only, so here a save_model that writes nothing
+    stands in for it (tests/gpu/test_train_fsdp2_save.py runs the real FSDP2 config): the command must fail
+    with one line that says so, and never claim the save."""
+    from transformers import Trainer
+
+    checkpoint_save = Trainer.save_model
+
+    def save_checkpoints_only(self, output_dir=None, _internal_call=False):
+        if _internal_call:  # Trainer's own checkpoints
+            checkpoint_save(self, output_dir, _internal_call=True)
+
+    monkeypatch.setattr(Trainer, "save_model", save_checkpoints_only)
+    data = _write_corpus(tmp_path / "corpus.txt", documents=6)
+    assert main(_train_args(data, tmp_path / "out", "--max-steps", "1", "--save-steps", "100")) == 2
+    captured = capsys.readouterr()
+    assert "saved model" not in captured.out
+    error = [line for line in captured.err.splitlines() if line.startswith("transnormer-hf")]
+    assert len(error) == 1 and re.fullmatch(
+        r"transnormer-hf train: error: training finished but the final model was not saved to "
+        rf"{re.escape(str(tmp_path / 'out' / 'final'))}: no config\.json .*", error[0]), captured.err
 
 
 def test_cli_loss_chunk_size_reaches_the_saved_config(tmp_path, capsys):
@@ -265,17 +294,67 @@ def test_lora_all_linear_excludes_lm_head():
     assert sum(name.endswith("qkvu_proj") for name in adapted) == 3
 
 
-def test_lora_via_cli_saves_adapters(tmp_path):
-    data = _write_corpus(tmp_path / "corpus.txt", documents=8)
-    out = tmp_path / "lora"
-    assert main(_train_args(data, out, "--max-steps", "2", "--save-steps", "100", "--lora", "--lora-r", "4",
-                            "--gradient-checkpointing")) == 0
+def test_lora_via_cli_saves_adapters_that_reload_on_their_base(tmp_path, capsys):
+    from peft import PeftModel
     from safetensors.torch import load_file
 
+    data = _write_corpus(tmp_path / "corpus.txt", documents=8)
+    base = tmp_path / "base"
+    TransNormerLLMForCausalLM(tiny_config(vocab_size=259)).save_pretrained(base)
+    out = tmp_path / "lora"
+    args = _train_args(data, out, "--max-steps", "2", "--save-steps", "100", "--lora", "--lora-r", "4",
+                       "--gradient-checkpointing", "--tokenizer", "bytes")
+    args[args.index("tiny")] = str(base)
+    assert main(args) == 0
+    named = re.search(rf"saved adapters to {re.escape(str(out / 'final'))} \(([^)]+)\)", capsys.readouterr().out)
+    assert named and {"adapter_config.json", "adapter_model.safetensors"} <= set(named.group(1).split(", "))
     adapters = load_file(out / "final" / "adapter_model.safetensors")
     lora_b = [value for name, value in adapters.items() if "lora_B" in name]
-    assert len(lora_b) == 5 * 2 and all(value.abs().sum() > 0 for value in lora_b)  # B starts at 0: it trained
-    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
+    assert len(lora_b) == 5 * 3 and all(value.abs().sum() > 0 for value in lora_b)  # B starts at 0: it trained
+    adapter_config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["base_model_name_or_path"] == str(base)
+    # the folder reloads from what it records, and the adapters change the base model's logits
+    base_model = TransNormerLLMForCausalLM.from_pretrained(base).eval()
+    ids = torch.tensor([[5, 9, 17, 3, 40]])
+    with torch.no_grad():
+        plain = base_model(ids).logits
+        adapted = PeftModel.from_pretrained(base_model, out / "final").eval()(ids).logits
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+
+
+def test_lora_on_a_preset_and_training_on_adapters_are_clear_errors(tmp_path, capsys):
+    """A preset's random base weights are never saved, so its adapters could not be reloaded (issue 21, item 9: the
+    adapter config recorded base model null); an adapter folder as --model names its base instead of going online."""
+    data = _write_corpus(tmp_path / "corpus.txt", documents=4)
+    assert main(_train_args(data, tmp_path / "out", "--lora")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--lora trains adapters on a pretrained model, but --model tiny is a " \
+        "preset trained from scratch" in error, error
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/tnl-base"}))
+    args = _train_args(data, tmp_path / "out", "--tokenizer", "bytes")
+    args[args.index("tiny")] = str(adapters)
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"--model {str(adapters)!r} holds LoRA adapters (for base model " \
+        "'/models/tnl-base'), not a model" in error, error
+
+
+def test_train_on_a_llama_folder_exits_2_with_one_line(tmp_path, capsys):
+    """issue 21, item 9: a Llama folder as --model exited 1 with a 77-line traceback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                                 num_hidden_layers=2)).save_pretrained(llama)
+    args = _train_args(_write_corpus(tmp_path / "corpus.txt", documents=4), tmp_path / "out", "--tokenizer", "bytes")
+    args[args.index("tiny")] = str(llama)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"transnormer-hf train: error: --model {str(llama)!r} is not a TransNormerLLM model (its config says "
+        "model_type 'llama')"]
 
 
 def test_load_in_4bit_without_gpu_is_a_clear_error(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -28,6 +29,10 @@ OFFICIAL_ALIASES = {
 # `auto_map`/`architectures` point at the official remote code.
 OFFICIAL_IGNORED_KEYS = ("linear_use_lrpe", "add_bos_token", "auto_map", "architectures")
 OFFICIAL_MODEL_TYPE = "transnormer"
+# Fields checked again whenever they are assigned after construction (see TransNormerLLMConfig.__setattr__).
+CHECKED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "attention_hidden_size",
+                  "intermediate_size", "hidden_act", "lrpe_layers", "norm_type", "rms_norm_eps", "initializer_range",
+                  "attention_backend", "loss_chunk_size")
 
 # Released OpenNLPLab sizes (tnl_spec.md section 2). 385M's config.json was never published: these are
 # the config-class defaults, which match its parameter count; its activation and scale are unverified.
@@ -119,13 +124,23 @@ class TransNormerLLMConfig(PreTrainedConfig):
         for key in OFFICIAL_IGNORED_KEYS:
             if key not in keep:
                 kwargs.pop(key, None)
-        kwargs.pop("layer_types", None)  # derived below; a saved copy is recomputed, not trusted
+        kwargs.pop("layer_types", None)  # derived from num_hidden_layers; a saved copy is not trusted
+        head_dim = kwargs.pop("head_dim", None)
 
         self.vocab_size = given["vocab_size"]
         self.hidden_size = given["hidden_size"]
         self.num_hidden_layers = given["num_hidden_layers"]
         self.num_attention_heads = given["num_attention_heads"]
         self.attention_hidden_size = given["attention_hidden_size"]
+        if head_dim is not None:
+            _check_head_dim(head_dim)
+            if self.attention_hidden_size is None and isinstance(self.num_attention_heads, int):
+                self.attention_hidden_size = head_dim * self.num_attention_heads
+            elif self.attention_hidden_size != head_dim * self.num_attention_heads:
+                raise ValueError(
+                    f"head_dim ({head_dim}) must be attention_hidden_size / num_attention_heads "
+                    f"({self.attention_hidden_size} / {self.num_attention_heads}); give one of them"
+                )
         if self.attention_hidden_size is None:
             self.attention_hidden_size = self.hidden_size
         self.intermediate_size = given["intermediate_size"]
@@ -149,15 +164,52 @@ class TransNormerLLMConfig(PreTrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self._validate()
         self.lrpe_layers = [int(flag) for flag in self.lrpe_layers]
-        # Every layer is a linear-attention layer: generic transformers code (context parallel, mask
-        # creation) reads this.
-        self.layer_types = ["linear_attention"] * self.num_hidden_layers
         super().__init__(**kwargs)
+        self._check_assignments = True
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # transformers sets from_pretrained's overrides, and users set fields, after construction: such an assignment
+        # is checked like a constructor argument and a refused one leaves the config as it was. A new layer count
+        # carries lrpe_layers along (the layers kept keep their flags, added layers get 0).
+        key = self.attribute_map.get(key, key)
+        if key not in CHECKED_FIELDS or not self.__dict__.get("_check_assignments", False):
+            super().__setattr__(key, value)
+            return
+        previous = {name: self.__dict__[name] for name in (key, "lrpe_layers")}
+        super().__setattr__(key, value)
+        if key == "num_hidden_layers" and isinstance(value, int) and value > 0:
+            super().__setattr__("lrpe_layers", follow_layer_count(previous["lrpe_layers"], value))
+        try:
+            self._validate()
+        except ValueError:
+            for name, old in previous.items():
+                super().__setattr__(name, old)
+            raise
+        if key == "lrpe_layers":
+            super().__setattr__("lrpe_layers", [int(flag) for flag in value])
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `PreTrainedConfig.to_dict`, without this class's bookkeeping flag."""
+        output = super().to_dict()
+        output.pop("_check_assignments", None)
+        return output
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Every layer is a linear-attention layer; generic transformers code (mask creation, context parallel) reads
+        this. Derived, so it always has one entry per layer."""
+        return ["linear_attention"] * self.num_hidden_layers
 
     @property
     def head_dim(self) -> int:
-        """Per-head width of q, k and v before LRPE (LRPE doubles q and k)."""
+        """Per-head width of q, k and v before LRPE (LRPE doubles q and k): attention_hidden_size / heads. Setting it
+        sets attention_hidden_size (as `head_dim=` does in the constructor)."""
         return self.attention_hidden_size // self.num_attention_heads
+
+    @head_dim.setter
+    def head_dim(self, value: int) -> None:
+        _check_head_dim(value)
+        self.attention_hidden_size = value * self.num_attention_heads
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TransNormerLLMConfig":
@@ -165,6 +217,29 @@ class TransNormerLLMConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "TransNormerLLMConfig":
+        """As `PreTrainedConfig.from_dict`, but overrides of this config's fields (`from_pretrained(path,
+        num_hidden_layers=2)`, official names included) go through the constructor together with the saved fields:
+        checked as constructor arguments, in any order, with the saved lrpe_layers following a new layer count."""
+        overrides = {}
+        for key in list(kwargs):
+            field = OFFICIAL_ALIASES.get(key, "scale_embedding" if key == "no_scale_embedding" else key)
+            if field in CONSTRUCTOR_FIELDS:
+                value = kwargs.pop(key)
+                overrides[field] = (not value) if key == "no_scale_embedding" else value
+        if not overrides:
+            return super().from_dict(config_dict, **kwargs)
+        fields = {OFFICIAL_ALIASES.get(key, key): value for key, value in config_dict.items()}
+        if "no_scale_embedding" in fields:
+            fields["scale_embedding"] = not fields.pop("no_scale_embedding")
+        layers = overrides.get("num_hidden_layers")
+        if isinstance(layers, int) and layers > 0 and "lrpe_layers" not in overrides and fields.get("lrpe_layers"):
+            fields["lrpe_layers"] = follow_layer_count(fields["lrpe_layers"], layers)
+        if "head_dim" in overrides and "attention_hidden_size" not in overrides:
+            fields.pop("attention_hidden_size", None)  # the new head width sets it
+        return super().from_dict({**fields, **overrides}, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
@@ -209,6 +284,17 @@ class TransNormerLLMConfig(PreTrainedConfig):
             raise ValueError(f"loss_chunk_size must be a non-negative integer (0 = off); got {self.loss_chunk_size!r}")
 
 
+def follow_layer_count(flags: list[int], num_layers: int) -> list[int]:
+    """Per-layer flags for a new layer count: the layers kept keep theirs, added layers get 0 (every released
+    checkpoint's flag after the first layer)."""
+    return list(flags[:num_layers]) + [0] * (num_layers - len(flags))
+
+
+def _check_head_dim(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"head_dim must be a positive integer; got {value!r}")
+
+
 def _apply_official_aliases(given: dict[str, Any], kwargs: dict[str, Any]) -> None:
     """Move official field names from `kwargs` into `given`; a contradiction is a ValueError."""
     defaults = TransNormerLLMConfig.__init__.__defaults__
@@ -223,3 +309,7 @@ def _apply_official_aliases(given: dict[str, Any], kwargs: dict[str, Any]) -> No
                 f"contradictory config: {ours}={given[ours]!r} but its official alias {official}={value!r}"
             )
         given[ours] = value
+
+
+# The constructor's fields (official aliases aside): what `from_dict` passes through the constructor.
+CONSTRUCTOR_FIELDS = frozenset(inspect.signature(TransNormerLLMConfig.__init__).parameters) - {"self", "kwargs"} | {"head_dim"}

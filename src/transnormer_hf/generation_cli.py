@@ -152,7 +152,16 @@ def _run_from_args(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     silence_known_warnings()
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        # Nothing to condition on: start from BOS, as generate() does when it is given no input at all.
+        from .cli import CLIError
+
+        if tokenizer.bos_token_id is None:
+            raise CLIError("PROMPT is empty and the tokenizer has no BOS token to start from; give some text")
+        inputs["input_ids"] = torch.tensor([[tokenizer.bos_token_id]])
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs = inputs.to(device)
     sampling = args.temperature > 0 and args.num_beams == 1
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sampling)
     if sampling:

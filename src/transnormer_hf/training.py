@@ -247,6 +247,30 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(f"--eval-fraction must be in [0, 1); got {args.eval_fraction}")
     if args.load_in_4bit and not args.lora:
         raise CLIError("--load-in-4bit trains adapters on frozen 4-bit weights: add --lora")
+    if args.lora and args.model in PRESET_NAMES:
+        raise CLIError(f"--lora trains adapters on a pretrained model, but --model {args.model} is a preset trained "
+                       "from scratch (adapters on its random weights could not be reloaded); give a model folder or "
+                       "Hub id, or drop --lora")
+    if args.model not in PRESET_NAMES:
+        _check_model_source(args.model)
+
+
+def _check_model_source(name: str) -> None:
+    """`name` must be a folder or Hub id holding a TNL model (ours or the official format); anything else, LoRA
+    adapters included, is a CLIError before anything is loaded."""
+    import json
+
+    from .generation_cli import TNL_MODEL_TYPES, _config_dict, _local_or_hub
+
+    source = _local_or_hub(name, "--model")
+    adapter_config = Path(source) / "adapter_config.json"
+    if adapter_config.is_file() and not (Path(source) / "config.json").is_file():
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        raise CLIError(f"--model {name!r} holds LoRA adapters (for base model {base!r}), not a model: give the base "
+                       "model, or merge the adapters into it first (peft's merge_and_unload)")
+    model_type = _config_dict(source).get("model_type", "transnormer")  # the official config.json has none
+    if model_type not in TNL_MODEL_TYPES:
+        raise CLIError(f"--model {name!r} is not a TransNormerLLM model (its config says model_type {model_type!r})")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -297,9 +321,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = trainer.train(resume_from_checkpoint=_resume_checkpoint(args.resume, args.output_dir))
     elapsed = time.perf_counter() - started
     final_dir = Path(args.output_dir) / "final"
-    trainer.save_model(str(final_dir))
-    if main_process and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(final_dir))
+    written = save_final_model(trainer, tokenizer, final_dir)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
     if main_process:
         tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
@@ -309,9 +331,56 @@ def run_train(args: argparse.Namespace) -> int:
         if eval_loss is not None:
             summary += f", eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
         print(summary + f", {tokens / elapsed:,.0f} tokens/s over {elapsed:.1f} s")
-        print(f"saved {'adapters' if args.lora else 'model'} to {final_dir}" + (f"; loss plot {plot}" if plotted else ""))
+        print(f"saved {'adapters' if args.lora else 'model'} to {final_dir} ({', '.join(written)})"
+              + (f"; loss plot {plot}" if plotted else ""))
     finish_distributed_rank()
     return 0
+
+
+def save_final_model(trainer: Any, tokenizer: Any, final_dir: Path) -> list[str]:
+    """Save the trained model (or LoRA adapters) and the tokenizer to `final_dir`; call on every rank (gathering
+    sharded weights is collective). Returns the names of the files written on the main process, after checking
+    that they hold every trained weight (empty on the other ranks)."""
+    if trainer.is_fsdp_enabled:
+        # Under FSDP's SHARDED_STATE_DICT (the README's FSDP2 config) Trainer.save_model writes nothing at all;
+        # the checkpoints stay sharded for resuming, the final model is gathered whole (transformers' FSDP guide).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final_dir))
+    if not trainer.args.should_save:
+        return []
+    missing = _missing_weights(final_dir, trainer.accelerator.unwrap_model(trainer.model))
+    if missing:
+        raise CLIError(f"training finished but the final model was not saved to {final_dir}: {missing} (the "
+                       f"checkpoint-* folders in {final_dir.parent} hold the trained state)")
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(final_dir))
+    return sorted(path.name for path in final_dir.iterdir())
+
+
+def _missing_weights(folder: Path, model: Any) -> str | None:
+    """What `folder` lacks to be loaded with `from_pretrained` as `model` (a PEFT model: its adapters), or None."""
+    import json
+
+    from safetensors import safe_open
+
+    adapters = hasattr(model, "peft_config")
+    config_name, weights_name = (("adapter_config.json", "adapter_model.safetensors") if adapters
+                                 else ("config.json", "model.safetensors"))
+    if not (folder / config_name).is_file():
+        return f"no {config_name}"
+    index = folder / f"{weights_name}.index.json"
+    if index.is_file():
+        saved = set(json.loads(index.read_text())["weight_map"])
+    elif (folder / weights_name).is_file():
+        with safe_open(str(folder / weights_name), framework="pt") as weights:
+            saved = set(weights.keys())
+    else:
+        return f"no {weights_name}"
+    if adapters:  # peft names the saved adapters without the adapter name; count them
+        expected = sum(parameter.requires_grad for parameter in model.parameters())
+        return None if len(saved) >= expected else f"{len(saved)} of {expected} adapter tensors in {weights_name}"
+    absent = sorted({name for name, _ in model.named_parameters()} - saved)
+    return f"{len(absent)} weights absent from {weights_name} (e.g. {absent[0]})" if absent else None
 
 
 def finish_distributed_rank() -> None:

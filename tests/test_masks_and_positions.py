@@ -87,3 +87,38 @@ def test_gathered_rows_have_the_gradients_of_each_row_alone(tiny_model):
     (alone * weights).sum().backward()
     for name, param in tiny_model.named_parameters():
         assert rel_err(grads[name], param.grad) < 1e-5, name
+
+
+def _packed_rows(docs_per_row):
+    ids = torch.stack([torch.cat(docs) for docs in docs_per_row])
+    positions = torch.cat([torch.arange(len(doc)) for doc in docs_per_row[0]])
+    return ids, positions
+
+
+def _worst_document_error(logits, docs_per_row, run_alone):
+    worst = 0.0
+    for row, docs in enumerate(docs_per_row):
+        start = 0
+        for doc in docs:
+            worst = max(worst, rel_err(logits[row, start:start + len(doc)], run_alone(doc[None])[0]))
+            start += len(doc)
+    return worst
+
+
+def test_one_row_of_position_ids_holds_for_every_row_as_in_llama(tiny_model):
+    lengths = (5, 9, 2)
+    docs_per_row = [[torch.randint(3, 48, (n,)) for n in lengths] for _ in range(2)]
+    ids, positions = _packed_rows(docs_per_row)
+    llama = _tiny_llama()
+    with torch.no_grad():
+        llama_error = _worst_document_error(llama(ids, position_ids=positions[None], use_cache=False).logits, docs_per_row,
+                                            lambda doc: llama(doc).logits)
+        logits = tiny_model(ids, position_ids=positions[None], use_cache=False).logits
+        error = _worst_document_error(logits, docs_per_row, lambda doc: tiny_model(doc, use_cache=False).logits)
+    assert llama_error < 1e-5, llama_error
+    assert error < 1e-5, f"documents differ from each alone by {error:.2e} (Llama: {llama_error:.2e})"
+
+
+def test_position_ids_of_another_shape_are_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"position_ids must have shape \(batch, length\) = \(2, 4\)"):
+        tiny_model(torch.randint(3, 48, (2, 4)), position_ids=torch.arange(5)[None], use_cache=False)

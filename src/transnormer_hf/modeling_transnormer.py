@@ -553,10 +553,20 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`cache_implementation="static"` gives a `TransNormerLLMStaticCache`; generate() compiles the decode step
-        for a compileable cache (on CUDA by default, elsewhere with a `compile_config`). Anything else as usual."""
-        wants_static = generation_config.cache_implementation == "static" and generation_config.use_cache is not False
-        if wants_static and model_kwargs.get(CACHE_FIELD) is None:
-            model_kwargs[CACHE_FIELD] = TransNormerLLMStaticCache(self.config)
+        """generate() gets our recurrent cache up front, so that every path that needs one (chunked prefill) has it:
+        `cache_implementation` None or "dynamic" gives a `TransNormerLLMCache`, "static" a `TransNormerLLMStaticCache`
+        (generate then compiles the decode step: on CUDA by default, elsewhere with a `compile_config`); any other
+        kind (quantized, offloaded, sliding-window...) stores keys and values, which this model has none of."""
+        user_cache = model_kwargs.get(CACHE_FIELD) is not None
+        if user_cache or generation_config.use_cache is False:  # transformers checks the conflicts there
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
             return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by TransNormerLLM, whose cache is one "
+                f"fixed-size recurrent state per layer (no keys and values to quantise or offload); use None, "
+                f"'dynamic' (both give a TransNormerLLMCache) or 'static' (a TransNormerLLMStaticCache)"
+            )
+        cache_class = TransNormerLLMStaticCache if implementation == "static" else TransNormerLLMCache
+        model_kwargs[CACHE_FIELD] = cache_class(self.config)

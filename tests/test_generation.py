@@ -211,3 +211,27 @@ def test_generate_never_computes_logits_for_the_whole_prompt(tiny_model):
     finally:
         hook.remove()
     assert seen == [1, 1, 1]
+
+
+def test_prefill_chunking_builds_its_cache_and_equals_no_chunking(tiny_model):
+    prompts = [torch.randint(3, 48, (1, n)) for n in (11, 5)]
+    batch = torch.cat([torch.nn.functional.pad(p, (11 - p.shape[1], 0), value=0) for p in prompts])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (11 - p.shape[1], 0)) for p in prompts])
+    settings = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                    return_dict_in_generate=True, output_logits=True)
+    plain = tiny_model.generate(batch, **settings)
+    chunked = tiny_model.generate(batch, prefill_chunk_size=4, **settings)  # chunks of 4, 4, 3 tokens
+    assert torch.equal(chunked.sequences, plain.sequences)
+    assert rel_err(torch.stack(chunked.logits), torch.stack(plain.logits)) < 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["quantized", "offloaded", "sliding_window"])
+def test_cache_implementations_without_keys_and_values_are_refused(tiny_model, prompt, implementation):
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
+        tiny_model.generate(prompt, max_new_tokens=2, cache_implementation=implementation)
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_a_cache_of_another_layer_count_is_refused(tiny_model, prompt, layers):
+    with pytest.raises(ValueError, match=f"the cache holds {layers} layer states but the model has 3 layers"):
+        tiny_model(prompt, cache=TransNormerLLMCache(num_layers=layers), use_cache=True)

@@ -2,8 +2,9 @@
 
 A TNL layer needs no keys or values from the past: one fp32 state S of shape (batch, heads, d_k, d_v)
 summarises them (tnl_spec.md section 6), so the cache has the same size at token 100 and at token
-100,000. The LRPE position of the next token is `seen_tokens`; unlike the official code, no position
-offset is kept on the modules, so reusing a model instance never shifts positions (spec section 10.1).
+100,000. The LRPE position of the next token is `seen_tokens`, less the masked tokens of its row that a forward
+skipped (`position_lag`, kept only once a mask other than left padding was used); unlike the official code, no
+position offset is kept on the modules, so reusing a model instance never shifts positions (spec section 10.1).
 
 `TransNormerLLMStaticCache` is the compile-friendly variant (`generate(..., cache_implementation="static")`):
 its states keep one address and shape from the first forward on and are updated in place, and the token
@@ -83,6 +84,8 @@ class TransNormerLLMCache(Cache):
             num_layers = config.num_hidden_layers
         super().__init__(layers=[self.layer_class() for _ in range(num_layers)])
         self.seen_tokens = 0
+        # (batch,) int64: masked tokens each row skipped after the model gathered its real tokens; None is all 0.
+        self.position_lag: torch.Tensor | None = None
 
     def __getitem__(self, layer_idx: int) -> torch.Tensor | None:
         return self.layers[layer_idx].state
@@ -91,12 +94,41 @@ class TransNormerLLMCache(Cache):
         return self.seen_tokens
 
     def positions(self, length: int, device: torch.device) -> torch.Tensor:
-        """Absolute (LRPE) positions of the next `length` tokens, (length,) int64."""
-        return torch.arange(self.seen_tokens, self.seen_tokens + length, device=device)
+        """Absolute (LRPE) positions of the next `length` tokens: (length,) int64, or (batch, length) per row once
+        rows have skipped masked tokens."""
+        return self._less_lag(torch.arange(self.seen_tokens, self.seen_tokens + length, device=device))
 
-    def advance(self, length: int) -> None:
-        """Count `length` more tokens; the model calls it once per forward, after every layer."""
+    def _less_lag(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.position_lag is None:
+            return positions
+        return positions[None, :] - self.position_lag.to(positions.device)[:, None]  # (B, N)
+
+    def advance(self, length: int, real_tokens: torch.Tensor | None = None) -> None:
+        """Count `length` more tokens; the model calls it once per forward, after every layer. `real_tokens` (batch,)
+        says how many of them each row really had when its masked tokens were skipped."""
         self.seen_tokens += length
+        self._skip_masked(length, real_tokens)
+
+    def _skip_masked(self, length: int, real_tokens: torch.Tensor | None) -> None:
+        if real_tokens is not None:
+            masked = length - real_tokens
+            self.position_lag = masked if self.position_lag is None else self.position_lag + masked
+
+    def _map_lag(self, fn) -> None:
+        if self.position_lag is not None:
+            self.position_lag = fn(self.position_lag)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_lag(lambda lag: lag.index_select(0, beam_idx.to(lag.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_lag(lambda lag: lag.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_lag(lambda lag: lag[indices.to(lag.device)])
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
@@ -108,6 +140,7 @@ class TransNormerLLMCache(Cache):
         for layer in self.layers:
             layer.state = None
         self.seen_tokens = 0
+        self.position_lag = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove in (0, None):
@@ -181,13 +214,15 @@ class TransNormerLLMStaticCache(TransNormerLLMCache):
         if self._seen is None or self._seen.device != device:
             self._seen = torch.zeros((), dtype=torch.int64, device=device) + self.seen_tokens
             _mark_static_address(self._seen)
-        return self._seen + torch.arange(length, device=device)
+        return self._less_lag(self._seen + torch.arange(length, device=device))
 
-    def advance(self, length: int) -> None:
+    def advance(self, length: int, real_tokens: torch.Tensor | None = None) -> None:
         self._seen.add_(length)
+        self._skip_masked(length, real_tokens)
 
     def reset(self) -> None:
         """Zero the states and the counter in place, keeping their addresses (a captured graph stays valid)."""
         for layer in self.layers:
             layer.reset()
         self.seen_tokens = 0
+        self.position_lag = None

@@ -118,9 +118,9 @@ class TransNormerLLMLrpe(nn.Module):
         self.theta = nn.Parameter(lrpe_initial_theta(num_heads, head_dim))  # learnable, (H, 1, D)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (B, N, H, D), positions (N,) absolute -> (B, N, H, 2D) in x's dtype."""
-        theta = self.theta.float().view(1, self.num_heads, self.head_dim)
-        angles = positions.float().view(-1, 1, 1) * theta  # (N, H, D), fp32
+        """x (B, N, H, D), positions (N,) or per row (B, N), absolute -> (B, N, H, 2D) in x's dtype."""
+        theta = self.theta.float().view(self.num_heads, self.head_dim)
+        angles = positions.float()[..., None, None] * theta  # (N, H, D) or (B, N, H, D), fp32
         return torch.cat([x * torch.cos(angles).to(x.dtype), x * torch.sin(angles).to(x.dtype)], dim=-1)
 
 
@@ -268,17 +268,104 @@ class TransNormerLLMPreTrainedModel(PreTrainedModel):
             init.copy_(module.theta, lrpe_initial_theta(module.num_heads, module.head_dim))
 
 
-def _packed_boundaries(position_ids: torch.Tensor | None, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """cu_seqlens of the flattened batch when position_ids restart inside a row (packed documents), else None."""
-    if position_ids is None or padding_mask is not None or position_ids.shape[-1] < 2:
+def _broadcast_position_ids(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """position_ids as (B, N); a (N,) or (1, N) tensor holds for every row, as in Llama."""
+    if position_ids is None:
         return None
+    shape = tuple(position_ids.shape)
+    position_ids = position_ids if position_ids.dim() != 1 else position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+        raise ValueError(
+            f"position_ids must have shape (batch, length) = ({batch}, {length}), or (1, {length}) for all rows; "
+            f"got {shape}"
+        )
+    return position_ids.expand(batch, length)
+
+
+def _packed_boundaries(position_ids: torch.Tensor, with_cache: bool) -> torch.Tensor | None:
+    """cu_seqlens of the flattened batch when position_ids (B, N) restart inside a row (packed documents), else None.
+
+    Eagerly the boundaries are read on the host (one sync), and a batch without restarts stays unpacked. A compiled
+    graph cannot branch on data or make data-sized tensors, so there the batch always runs packed with B * N + 1
+    boundaries: the documents', then the total repeated (empty documents, which the kernels skip)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if not bool(starts[:, 1:].any()):
+    restarts = starts[:, 1:].any()
+    if with_cache:  # packing holds several documents per row, but a cache one state per row
+        if torch.compiler.is_compiling():
+            torch._assert_async(~restarts, _PACKED_WITH_CACHE)
+        elif bool(restarts):
+            raise ValueError(_PACKED_WITH_CACHE)
         return None
-    flat_starts = starts.flatten().nonzero().flatten()
-    total = torch.full((1,), position_ids.numel(), device=position_ids.device)  # no host-to-device copy
-    return torch.cat([flat_starts, total]).to(torch.int64)
+    starts = starts.flatten()
+    total = starts.numel()
+    if torch.compiler.is_compiling():
+        index = torch.arange(total, device=starts.device)
+        slot = torch.where(starts, starts.cumsum(0) - 1, total)  # the k-th start goes to entry k; others to the end
+        bounds = torch.full((total + 1,), total, dtype=torch.int64, device=starts.device)
+        return bounds.scatter(0, slot, torch.where(starts, index, total))
+    if not bool(restarts):
+        return None
+    total_tensor = torch.full((1,), total, device=starts.device)  # no host-to-device copy
+    return torch.cat([starts.nonzero().flatten(), total_tensor]).to(torch.int64)
+
+
+_PACKED_WITH_CACHE = (
+    "packed sequences (position_ids that restart inside a row, or cu_seq_lens_q) hold several documents per row, "
+    "so they cannot be combined with a cache; pass use_cache=False"
+)
+_SUPPORTED_MASKS = (
+    "without a cache, the real tokens of each row must be one run (left or right padding); on a cache or a state, "
+    "any mask is exact in eager mode, but a compiled forward takes only left padding on an empty cache"
+)
+
+
+def _plan_padding(padding_mask: torch.Tensor, has_state: bool, wants_state: bool) -> tuple[torch.Tensor | None, bool]:
+    """(the mask the layers apply, whether the rows must be gathered) for a (B, N) mask of this forward's tokens.
+
+    The layers only zero the values of masked tokens (spec 5), yet a masked token still decays the state and takes
+    an LRPE position. That is exact where no real token comes after masked ones with a state before them: left
+    padding on an empty state, and right padding when no final state is kept. Any other mask (the new turns of a
+    batched chat, padded between the cached context and their tokens) gathers the real tokens of each row into one
+    packed sequence that starts from the row's state (`_gather_rows`). One host sync decides, eagerly; a compiled
+    graph cannot branch on data, so it asserts on the device that the mask is of the first kind."""
+    real = padding_mask.bool()
+    runs = real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)  # runs of real tokens per row
+    ends_real = real[:, -1] | (runs == 0)
+    if has_state:
+        dense = real.all()
+    else:
+        dense = ((runs <= 1) & (ends_real if wants_state else True)).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(dense, f"this attention_mask cannot run in a compiled forward: {_SUPPORTED_MASKS}")
+        return padding_mask, False
+    all_real, dense = torch.stack([real.all(), dense]).tolist()
+    if all_real:
+        return None, False
+    return (padding_mask, False) if dense else (None, True)
+
+
+class _GatheredRows:
+    """The real tokens of a (B, N) batch laid end to end, one packed sequence per row, so that masked tokens
+    neither decay a row's state nor take an LRPE position; `scatter` puts results back (zeros at masked tokens)."""
+
+    def __init__(self, padding_mask: torch.Tensor, first_positions: torch.Tensor) -> None:
+        """padding_mask (B, N); first_positions (B, 1) or (1, 1): the LRPE position of each row's next real token."""
+        real = padding_mask.bool()
+        self.batch, self.length = real.shape
+        self.real_tokens = real.sum(dim=1)  # (B,)
+        self.index = real.flatten().nonzero().flatten()  # (T,) flat index of each real token
+        self.cu_seqlens = F.pad(self.real_tokens.cumsum(0), (1, 0))  # (B + 1,): row r is a sequence of its own
+        self.positions = (first_positions + real.cumsum(dim=1) - 1).flatten()[self.index]  # (T,)
+
+    def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> (1, T, d)"""
+        return hidden_states.reshape(self.batch * self.length, -1)[self.index][None]
+
+    def scatter(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(1, T, d) -> (B, N, d), zeros at masked tokens"""
+        full = hidden_states.new_zeros(self.batch * self.length, hidden_states.shape[-1])
+        return full.index_copy(0, self.index, hidden_states[0]).view(self.batch, self.length, -1)
 
 
 class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
@@ -306,15 +393,23 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
         past_key_values: TransNormerLLMCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """Run the decoder. `attention_mask` (B, N_total) is 1 on real tokens; left padding is exact.
+        """Run the decoder. `attention_mask` (B, N_total) is 1 on real tokens: masked tokens take no part in the
+        state and no LRPE position, so each row equals that row alone (for a one-token step the token is taken as
+        real, as generate() always makes it); see `_plan_padding` for the masks a compiled forward takes.
 
-        `position_ids` are only read to find packed documents (positions that restart inside a row, the
-        `DataCollatorWithFlattening` convention): the state then resets at each document boundary. LRPE
-        positions come from the cache's seen-token count, like the official code's.
+        `position_ids` ((B, N), or (1, N) for all rows) are only read to find packed documents (positions that
+        restart inside a row, the `DataCollatorWithFlattening` convention): the state then resets at each document
+        boundary; `cu_seq_lens_q` gives the boundaries directly. LRPE positions come from the cache's seen-token
+        count, like the official code's.
         """
         cache = _merge_cache_kwargs(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"the cache holds {len(cache.layers)} layer states but the model has {len(self.layers)} layers; "
+                f"build it with TransNormerLLMCache(model.config)"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         output_hidden_states = (
@@ -331,7 +426,8 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             cache = None
 
         batch, length = inputs_embeds.shape[:2]
-        padding_mask = None
+        position_ids = _broadcast_position_ids(position_ids, batch, length)
+        padding_mask, rows = None, None
         if isinstance(attention_mask, dict):  # compileable-cache generate() passes masks keyed by layer type
             attention_mask = attention_mask.get("linear_attention")
         if attention_mask is not None:
@@ -340,31 +436,39 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
                     f"attention_mask must be 2-D (batch, past + current length) with batch {batch} and at least "
                     f"{length} columns; got {tuple(attention_mask.shape)}"
                 )
-            padding_mask = attention_mask[:, -length:]
-            if length == 1 or bool(padding_mask.all()):
-                padding_mask = None
+            if length > 1:
+                has_state = cache is not None and cache.layers[0].state is not None
+                padding_mask, gather = _plan_padding(attention_mask[:, -length:], has_state, cache is not None)
+                if gather:
+                    first = cache.positions(1, inputs_embeds.device) if cache is not None else torch.zeros(1)
+                    rows = _GatheredRows(attention_mask[:, -length:], first.view(-1, 1).to(inputs_embeds.device))
 
         cu_seqlens = kwargs.get("cu_seq_lens_q")
-        if cu_seqlens is None and length > 1:
-            cu_seqlens = _packed_boundaries(position_ids, padding_mask)
+        if cu_seqlens is not None and (cache is not None or rows is not None):
+            raise ValueError(_PACKED_WITH_CACHE if cache is not None else
+                             "cu_seq_lens_q packs documents without padding; pass no attention_mask with it")
+        if cu_seqlens is None and length > 1 and padding_mask is None and rows is None and position_ids is not None:
+            cu_seqlens = _packed_boundaries(position_ids, with_cache=cache is not None)
         hidden_states = inputs_embeds * self.embed_scale
-        if cu_seqlens is not None:
-            if cache is not None:
-                raise ValueError(
-                    "packed sequences (position_ids that restart inside a row, or cu_seq_lens_q) hold several "
-                    "documents per row, so they cannot be combined with a cache; pass use_cache=False"
-                )
+        if rows is not None:
+            hidden_states = rows.gather(hidden_states)  # (1, T, d): each row's real tokens, rows end to end
+            cu_seqlens, positions = rows.cu_seqlens, rows.positions
+        elif cu_seqlens is not None:
             hidden_states = hidden_states.reshape(1, batch * length, -1)  # (1, B * N, d): rows end-to-end
             cu_seqlens = cu_seqlens.to(device=hidden_states.device, dtype=torch.int64)
-
-        if cache is not None:
-            positions = cache.positions(hidden_states.shape[1], hidden_states.device)
-        else:
             positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        elif cache is not None:
+            positions = cache.positions(length, hidden_states.device)
+        else:
+            positions = torch.arange(length, device=hidden_states.device)
+
+        def unpack(states: torch.Tensor) -> torch.Tensor:
+            return rows.scatter(states) if rows is not None else states.view(batch, length, -1)
+
         all_hidden_states = () if output_hidden_states else None
         for layer_idx, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden_states += (hidden_states.view(batch, length, -1),)
+                all_hidden_states += (unpack(hidden_states),)
             state = cache.layers[layer_idx].state if cache is not None else None
             hidden_states, new_state = layer(
                 hidden_states, state=state, positions=positions, padding_mask=padding_mask,
@@ -372,12 +476,12 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             )
             if cache is not None:
                 cache.layers[layer_idx].update(new_state)
-        hidden_states = self.final_norm(hidden_states).view(batch, length, -1)
+        hidden_states = unpack(self.final_norm(hidden_states))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:
             # Advanced once, after every layer, by this forward's length: every layer saw the same positions.
-            cache.advance(length)
+            cache.advance(length, rows.real_tokens if rows is not None else None)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
@@ -464,10 +568,20 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`cache_implementation="static"` gives a `TransNormerLLMStaticCache`; generate() compiles the decode step
-        for a compileable cache (on CUDA by default, elsewhere with a `compile_config`). Anything else as usual."""
-        wants_static = generation_config.cache_implementation == "static" and generation_config.use_cache is not False
-        if wants_static and model_kwargs.get(CACHE_FIELD) is None:
-            model_kwargs[CACHE_FIELD] = TransNormerLLMStaticCache(self.config)
+        """generate() gets our recurrent cache up front, so that every path that needs one (chunked prefill) has it:
+        `cache_implementation` None or "dynamic" gives a `TransNormerLLMCache`, "static" a `TransNormerLLMStaticCache`
+        (generate then compiles the decode step: on CUDA by default, elsewhere with a `compile_config`); any other
+        kind (quantized, offloaded, sliding-window...) stores keys and values, which this model has none of."""
+        user_cache = model_kwargs.get(CACHE_FIELD) is not None
+        if user_cache or generation_config.use_cache is False:  # transformers checks the conflicts there
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
             return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by TransNormerLLM, whose cache is one "
+                f"fixed-size recurrent state per layer (no keys and values to quantise or offload); use None, "
+                f"'dynamic' (both give a TransNormerLLMCache) or 'static' (a TransNormerLLMStaticCache)"
+            )
+        cache_class = TransNormerLLMStaticCache if implementation == "static" else TransNormerLLMCache
+        model_kwargs[CACHE_FIELD] = cache_class(self.config)

@@ -80,13 +80,16 @@ def _triton_module(name: str):
     return _TRITON_MODULES.get(name)
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # subclasses (fake, functional, DTensor) take the ops
+
+
 def _traced(*tensors: torch.Tensor) -> bool:
     """True while a graph is being traced (torch.compile, torch.export, make_fx, FakeTensor or functionalization):
     the kernels then enter as `torch.library` operators, whose fake implementations the tracer needs. An eager
     call skips that dispatch and calls the launcher itself: the operator dispatch cost ~160-280 us of host time
     per call on an H200 host, against 1-3 us of kernel time for one decode token (issue 17)."""
     return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-            or any(type(t) is not torch.Tensor for t in tensors))
+            or any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors))
 
 
 def triton_unavailable_reason(device: torch.device, module: str = "triton_lightning_attn") -> str | None:

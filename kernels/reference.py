@@ -173,6 +173,50 @@ def lightning_attn_recurrent_ref(
     return out, (state if output_final_state else None)
 
 
+
+# The q/k feature maps the fused decode step applies itself (the model's `hidden_act` names); others take the
+# unfused path.
+STEP_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": torch.nn.functional.silu,
+    "swish": torch.nn.functional.silu,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "none": lambda x: x,
+}
+
+
+def lightning_attn_step_fused_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    state: Tensor,
+    *,
+    activation: str,
+    theta: Tensor | None = None,
+    position: Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """One decoding step from raw projections: q, k <- phi(q), phi(k) with phi = STEP_ACTIVATIONS[activation];
+    with LRPE (`theta` (H, D), or (H, 1, D), and the token's absolute `position` (1,)), x <- [x cos(theta t),
+    x sin(theta t)] (so d_k = 2 D); then S' = lambda S + k^T v, o = scale q S' (`lightning_attn_recurrent_ref`).
+
+    q, k (B, 1, H, D) and v (B, 1, H, d_v) any float dtype; state (B, H, d_k, d_v). All arithmetic is in fp32
+    (float64 for float64 inputs); returns (o (B, 1, H, d_v) in v's dtype, the new state).
+    """
+    dtype = _state_dtype(q)
+    phi = STEP_ACTIVATIONS[activation]
+    q, k = phi(q.to(dtype)), phi(k.to(dtype))
+    if theta is not None:
+        heads, head_dim = q.shape[2], q.shape[3]
+        angles = position.to(dtype).view(1, 1, 1, 1) * theta.to(dtype).view(1, 1, heads, head_dim)  # (1, 1, H, D)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        q, k = (torch.cat([x * cos, x * sin], dim=-1) for x in (q, k))  # (B, 1, H, 2D)
+    out, new_state = lightning_attn_recurrent_ref(
+        q, k, v, decay_rates, scale=scale, initial_state=state, output_final_state=True
+    )
+    return out, new_state
+
 def lightning_attn_chunk_ref(
     q: Tensor,
     k: Tensor,

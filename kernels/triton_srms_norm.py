@@ -172,17 +172,22 @@ def _check_width(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be floating point; got {x.dtype}")
 
 
+def check_srms_norm_args(x: Tensor, gate: Tensor | None) -> None:
+    """Raise a ValueError naming the argument when x (or the gate) cannot go through the kernels."""
+    _check_width(x, "x")
+    if gate is not None and (gate.shape != x.shape or gate.dtype != x.dtype):
+        raise ValueError(
+            f"gate must have x's shape and dtype {tuple(x.shape)} {x.dtype}; got {tuple(gate.shape)} {gate.dtype}"
+        )
+
+
 def srms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """SRMSNorm over the last dim; see `srms_norm_ref`. x: (..., width) any float dtype; returns x's dtype."""
-    _check_width(x, "x")
+    check_srms_norm_args(x, None)
     return SRMSNormFunction.apply(x, None, float(eps))
 
 
 def gated_srms_norm(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
     """gate * srms_norm(x) in one pass; see `gated_srms_norm_ref`. x, gate: (..., width), same shape and dtype."""
-    _check_width(x, "x")
-    if gate.shape != x.shape or gate.dtype != x.dtype:
-        raise ValueError(
-            f"gate must have x's shape and dtype {tuple(x.shape)} {x.dtype}; got {tuple(gate.shape)} {gate.dtype}"
-        )
+    check_srms_norm_args(x, gate)
     return SRMSNormFunction.apply(x, gate, float(eps))

@@ -171,7 +171,7 @@ class TransNormerLLMStaticLayerState(TransNormerLLMLayerState):
         if self.state is None:
             self.state = new_state.contiguous()
             _mark_static_address(self.state)
-        else:
+        elif new_state is not self.state:  # the fused decode step may already have written it in place
             self.state.copy_(new_state)
 
     def reset(self) -> None:

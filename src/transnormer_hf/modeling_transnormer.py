@@ -20,7 +20,16 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from transnormer_hf.kernels import gated_srms_norm, lightning_attn, lightning_attn_step, linear_cross_entropy, srms_norm
+from transnormer_hf.kernels import (
+    STEP_ACTIVATIONS,
+    gated_srms_norm,
+    lightning_attn,
+    lightning_attn_step,
+    lightning_attn_step_fused,
+    linear_cross_entropy,
+    resolve_backend,
+    srms_norm,
+)
 
 from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
@@ -150,6 +159,8 @@ class TransNormerLLMAttention(nn.Module):
         self.norm = _make_norm(config, inner)  # over the whole inner width, all heads jointly
         self.lrpe = TransNormerLLMLrpe(self.num_heads, self.head_dim) if config.lrpe_layers[layer_idx] else None
         self.act = ACTIVATIONS[config.hidden_act]
+        # The fused decode kernel applies these feature maps itself (kernels.STEP_ACTIVATIONS).
+        self.step_activation = config.hidden_act if config.hidden_act in STEP_ACTIVATIONS else None
         # Python floats, turned into an fp32 tensor at use: a float buffer would follow the model to bf16,
         # where the last layer's lambda = exp(-slope * 1e-5) rounds to exactly 1.
         self.decay_rates = decay_rates(self.num_heads, layer_idx, config.num_hidden_layers)
@@ -176,10 +187,22 @@ class TransNormerLLMAttention(nn.Module):
         padding_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         output_final_state: bool,
+        state_in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`state_in_place`: a one-token step may write the new state into `state` (the static cache's)."""
         batch, length, _ = hidden_states.shape
         q, k, v, u = self.qkvu_proj(hidden_states).chunk(4, dim=-1)
         q, k, v = (x.view(batch, length, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, N, H, D)
+        if state is not None and length == 1 and cu_seqlens is None and padding_mask is None and self._fused_step(q):
+            # One kernel for phi(q), phi(k), LRPE and the step: ~20 small kernels fewer per layer and token.
+            lrpe = self.lrpe is not None
+            step_v = v.float() if v.dtype == torch.float16 else v  # fp16: an fp32 output, see below
+            out, new_state = lightning_attn_step_fused(
+                q, k, step_v, self.decay_rates_on(q.device), state, activation=self.step_activation,
+                theta=self.lrpe.theta if lrpe else None, position=positions if lrpe else None,
+                out_state=state if state_in_place else None, backend="triton",
+            )
+            return self._output(out.reshape(batch, length, -1), u), new_state  # (B, 1, H * D)
         q, k = self.act(q), self.act(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions), self.lrpe(k, positions)  # (B, N, H, 2D)
@@ -201,14 +224,21 @@ class TransNormerLLMAttention(nn.Module):
                 q, k, v, rates, initial_state=state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, output_dtype=torch.float32 if fp32_output else None, backend=self.backend,
             )
-        out = out.reshape(batch, length, -1)  # (B, N, H * D)
-        if fp32_output:
+        return self._output(out.reshape(batch, length, -1), u), new_state  # (B, N, H * D)
+
+    def _fused_step(self, q: torch.Tensor) -> bool:
+        """Whether a one-token step takes the fused Triton decode kernel (Triton backend, a feature map it has)."""
+        return self.step_activation is not None and resolve_backend(self.backend, q.device, "triton_decode") == "triton"
+
+    def _output(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """out_proj(u * norm(out)) for out, u (B, N, H * D); an fp32 `out` of an fp16 model is normalised in fp32."""
+        if out.dtype != u.dtype:
             gated = u * self._norm_fp32(out).to(u.dtype)
         elif isinstance(self.norm, TransNormerLLMSRMSNorm):  # u * norm(out) in one fused pass on Triton
             gated = gated_srms_norm(out, u, self.norm.eps, backend=self.norm.backend)
         else:
             gated = u * self.norm(out)
-        return self.out_proj(gated), new_state
+        return self.out_proj(gated)
 
     def _norm_fp32(self, out: torch.Tensor) -> torch.Tensor:
         """The output norm of an fp32 `out`, in fp32 (a LayerNorm's fp16 parameters are upcast for it)."""
@@ -236,9 +266,11 @@ class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):
         padding_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         output_final_state: bool = False,
+        state_in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mixed, new_state = self.token_mixer(
-            self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state
+            self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state,
+            state_in_place,
         )
         hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
@@ -473,6 +505,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             hidden_states, new_state = layer(
                 hidden_states, state=state, positions=positions, padding_mask=padding_mask,
                 cu_seqlens=cu_seqlens, output_final_state=cache is not None,
+                state_in_place=cache is not None and cache.layers[layer_idx].is_compileable,
             )
             if cache is not None:
                 cache.layers[layer_idx].update(new_state)

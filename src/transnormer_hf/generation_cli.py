@@ -155,8 +155,6 @@ def _run_from_args(args: argparse.Namespace) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         # Nothing to condition on: start from BOS, as generate() does when it is given no input at all.
-        from .cli import CLIError
-
         if tokenizer.bos_token_id is None:
             raise CLIError("PROMPT is empty and the tokenizer has no BOS token to start from; give some text")
         inputs["input_ids"] = torch.tensor([[tokenizer.bos_token_id]])

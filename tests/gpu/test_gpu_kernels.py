@@ -15,6 +15,7 @@ import torch
 from checks import assert_close_to_ref
 from gpu_suite import DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, representable
 
+from transnormer_hf.configuration_transnormer import PRESETS as PRESET_FIELDS
 from transnormer_hf.kernels import (
     gated_srms_norm,
     gated_srms_norm_ref,
@@ -37,7 +38,7 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
 def _layer(preset: str, kind: str) -> tuple[int, int, int, torch.Tensor]:
     """(heads, d_k, d_v, decay rates) of the preset's LRPE layer 0 or its last (plain) layer."""
     heads, head_dim = HEADS[preset]
-    num_layers = 30 if preset == "7B" else 16 if preset == "1B" else 24
+    num_layers = PRESET_FIELDS[preset]["num_hidden_layers"]
     layer = 0 if kind == "lrpe" else num_layers - 1
     rates = torch.tensor(decay_rates(heads, layer, num_layers), dtype=torch.float32, device=DEVICE)
     return heads, (2 if kind == "lrpe" else 1) * head_dim, head_dim, rates

@@ -15,6 +15,7 @@ import torch
 from checks import assert_close_to_ref
 from gpu_suite import DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, representable
 
+from transnormer_hf.configuration_transnormer import PRESETS as PRESET_FIELDS
 from transnormer_hf.kernels import (
     gated_srms_norm,
     gated_srms_norm_ref,
@@ -37,7 +38,7 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
 def _layer(preset: str, kind: str) -> tuple[int, int, int, torch.Tensor]:
     """(heads, d_k, d_v, decay rates) of the preset's LRPE layer 0 or its last (plain) layer."""
     heads, head_dim = HEADS[preset]
-    num_layers = 30 if preset == "7B" else 16 if preset == "1B" else 24
+    num_layers = PRESET_FIELDS[preset]["num_hidden_layers"]
     layer = 0 if kind == "lrpe" else num_layers - 1
     rates = torch.tensor(decay_rates(heads, layer, num_layers), dtype=torch.float32, device=DEVICE)
     return heads, (2 if kind == "lrpe" else 1) * head_dim, head_dim, rates
@@ -183,6 +184,40 @@ def test_decode_step(preset, kind, dtype):
     assert o.dtype == dtype and new_state.dtype == torch.float32
     assert_close_to_ref(f"{preset} {kind} step o", o, o_truth, o_twin, slack=SLACK[dtype])
     assert_close_to_ref(f"{preset} {kind} step state", new_state, state_truth, state_twin, slack=SLACK[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fused_decode_step(preset, kind, dtype):
+    """The model's Triton decode step, one kernel from the raw q, k projections (SiLU, LRPE at a long position,
+    state update, output), on a batch of 4, also in place on the state as the static cache runs it."""
+    from transnormer_hf.kernels import lightning_attn_step_fused, lightning_attn_step_fused_ref
+    from transnormer_hf.modeling_transnormer import lrpe_initial_theta
+
+    heads, head_dim = HEADS[preset]
+    inputs = _inputs(4, 1, preset, kind, seed=11)
+    generator = torch.Generator(DEVICE).manual_seed(11)
+    q, k = (representable(torch.randn(4, 1, heads, head_dim, generator=generator, device=DEVICE)).to(dtype)
+            for _ in range(2))
+    v, rates, state = inputs["v"].to(dtype), inputs["rates"], inputs["h0"]
+    lrpe = {}
+    if kind == "lrpe":  # the model's theta; position 8191 (the last of an 8K prompt) puts theta * t far from 0
+        lrpe = dict(theta=lrpe_initial_theta(heads, head_dim).to(DEVICE),
+                    position=torch.tensor([LENGTHS[-2] - 1], device=DEVICE))
+    o, new_state = lightning_attn_step_fused(q, k, v, rates, state, activation="silu", backend="triton", **lrpe)
+    in_place = state.clone()
+    o_in_place, returned = lightning_attn_step_fused(q, k, v, rates, in_place, activation="silu", out_state=in_place,
+                                                     backend="triton", **lrpe)
+    # The twin in fp32 (its angles round as the kernel's do), the truth in float64.
+    o_twin, state_twin = lightning_attn_step_fused_ref(q, k, v, rates, state, activation="silu", **lrpe)
+    o_truth, state_truth = lightning_attn_step_fused_ref(q.double(), k.double(), v.double(), rates.double(),
+                                                         state.double(), activation="silu", **lrpe)
+    assert o.dtype == dtype and new_state.dtype == torch.float32
+    assert returned.data_ptr() == in_place.data_ptr(), "out_state was not the state returned"
+    assert torch.equal(o_in_place, o) and torch.equal(in_place, new_state), "the in-place step computed otherwise"
+    assert_close_to_ref(f"{preset} {kind} fused step o", o, o_truth, o_twin, slack=SLACK[dtype])
+    assert_close_to_ref(f"{preset} {kind} fused step state", new_state, state_truth, state_twin, slack=SLACK[dtype])
 
 
 # Widths of the norms: the hidden size (token and channel norms) and the attention width (the gated output norm).

@@ -69,3 +69,24 @@ def _release_gpu_memory():
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Each test's outcome, time and (on failure) traceback as soon as it ends: a run stopped by a time limit on a
+    lent GPU keeps them (pytest prints its failure section only at the end)."""
+    if report.when != "call" and not report.failed:
+        return
+    terminal = _config.pluginmanager.get_plugin("terminalreporter") if _config is not None else None
+    if terminal is None:
+        return
+    terminal.write_line(f"\n{report.outcome.upper()} {report.nodeid} ({report.when}, {report.duration:.1f} s)")
+    if report.failed:
+        terminal.write_line(report.longreprtext[-4000:])
+
+
+_config: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config

@@ -423,11 +423,12 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _input_precision(dtype: torch.dtype, fp32_precision: str) -> str | None:
-    """The dots' input_precision: `fp32_precision` for fp32 inputs; TF32 for fp16 inputs, computed in fp32 (TF32
-    keeps fp16's 10-bit mantissa, so fp16 values multiply exactly, with fp32's range); Triton's default (unused)
-    for bf16, so its compiled kernels stay what they were."""
+    """The dots' input_precision: `fp32_precision` for fp32 inputs; for fp16 inputs, computed in fp32, three TF32
+    products per product ("tf32x3", fp32's accuracy on the tensor cores): the inputs are exact in TF32, but the
+    fp32 scores and the decayed keys and state are not, and single TF32 products left an fp16 model's state 6.6e-4
+    off float64 on the H200 (the fp32 twin: 1e-7). Triton's default (unused) for bf16, so its kernels stay as tuned."""
     if dtype == torch.float16:
-        return "tf32"
+        return "tf32x3"
     return fp32_precision if dtype == torch.float32 else None
 
 

@@ -6,7 +6,8 @@
 
 Corpus (no download): the source code and documentation that ship with the running Python, its standard library
 and its site-packages (`*.py`, `*.pyi`, `*.rst`, `*.md`, `*.txt` and the packages' METADATA, which holds their
-README), exact duplicates dropped, files over 512 KB (generated tables) skipped. Files are split into training
+README), exact duplicates dropped, files over 512 KB (generated tables) skipped (`--shape tiny` reads the
+standard library only: listing site-packages takes seconds). Files are split into training
 and held-out BY FILE (crc32 of the path inside its root, `--heldout-percent`), read in a seeded random order
 until `--corpus-mb` of training text. The JSON states what was read and its size.
 
@@ -61,6 +62,7 @@ from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.kernels import triton_unavailable_reason
 from transnormer_hf.quickstart import same_size_llama, token_blocks, train_tokenizer
 
+ROOT_KEYS = ("stdlib", "purelib", "platlib")  # the standard library and site-packages
 SHAPES = {
     # ~105M parameters with a 16K vocabulary (TNL and Llama within 0.1%); head width 128 as in the released sizes.
     "100M": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=6, intermediate_size=2048),
@@ -70,10 +72,10 @@ SHAPES = {
 DEFAULTS = {
     "100M": dict(context=2048, rows=32, vocab_size=16384, corpus_mb=128.0, tokenizer_mb=16.0, heldout_blocks=128,
                  minutes_per_model=1.75, lr=1e-3, heldout_percent=3.0, compare_steps=200, compare_rows=4,
-                 compare_context=2048, compare_seconds=30.0),
+                 compare_context=2048, compare_seconds=30.0, roots=list(ROOT_KEYS)),
     "tiny": dict(context=128, rows=8, vocab_size=1024, corpus_mb=1.5, tokenizer_mb=0.5, heldout_blocks=16,
                  minutes_per_model=0.1, lr=3e-3, heldout_percent=10.0, compare_steps=3, compare_rows=1,
-                 compare_context=16, compare_seconds=30.0),
+                 compare_context=16, compare_seconds=30.0, roots=["stdlib"]),  # listing site-packages takes seconds
 }
 SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt")
 MAX_FILE_BYTES = 512 * 1024
@@ -84,11 +86,11 @@ PATH_RUNS = ("triton", "torch", "truth")
 # ---- corpus
 
 
-def corpus_roots() -> list[Path]:
-    """The standard library and the site-packages folders of the running Python, each once."""
+def corpus_roots(keys: tuple[str, ...] = ROOT_KEYS) -> list[Path]:
+    """The folders of the running Python named by `keys` (sysconfig: stdlib, purelib, platlib), each once."""
     paths = sysconfig.get_paths()
     roots = []
-    for key in ("stdlib", "purelib", "platlib"):
+    for key in keys:
         root = Path(paths[key]).resolve()
         if root.is_dir() and root not in roots:
             roots.append(root)
@@ -109,9 +111,9 @@ def _corpus_files(roots: list[Path]) -> list[tuple[Path, str]]:
     return sorted(files.items())
 
 
-def read_corpus(corpus_mb: float, heldout_percent: float, seed: int) -> dict:
+def read_corpus(corpus_mb: float, heldout_percent: float, seed: int, root_keys: tuple[str, ...] = ROOT_KEYS) -> dict:
     """Training and held-out documents (one per file, split by file), read in a seeded order up to `corpus_mb`."""
-    roots = corpus_roots()
+    roots = corpus_roots(root_keys)
     files = _corpus_files(roots)
     random.Random(seed).shuffle(files)
     budget = int(corpus_mb * 1e6)
@@ -320,7 +322,7 @@ def train_model(name: str, args, tokenizer, train: torch.Tensor, heldout: torch.
         result["attention_implementation"] = model.config._attn_implementation
     record.data["models"][name] = result
     eval_steps = sorted({0, steps, *range(args.eval_every, steps, args.eval_every)})
-    print(f"{name}: {result['parameters'] / 1e6:.1f}M parameters, {steps} steps of {tokens_per_step:,} tokens")
+    print(f"{name}: {result['parameters'] / 1e6:.3g}M parameters, {steps} steps of {tokens_per_step:,} tokens")
     step, pending = 0, []
     for target in eval_steps:
         start = synchronize(args.device)
@@ -489,6 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, help="BPE vocabulary")
     parser.add_argument("--corpus-mb", type=float, help="training text to read, in millions of characters")
     parser.add_argument("--tokenizer-mb", type=float, help="training text the tokenizer learns from")
+    parser.add_argument("--roots", nargs="+", choices=ROOT_KEYS, help="where to read (sysconfig path names)")
     parser.add_argument("--heldout-percent", type=float, help="share of files held out (by path)")
     parser.add_argument("--heldout-blocks", type=int, help="held-out rows (files at least --context tokens long)")
     parser.add_argument("--tokens", type=int, default=None, help="token budget per model (default: from the time)")
@@ -533,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     wall = time.perf_counter()
-    corpus = read_corpus(args.corpus_mb, args.heldout_percent, args.seed)
+    corpus = read_corpus(args.corpus_mb, args.heldout_percent, args.seed, tuple(args.roots))
     stats = corpus["stats"]
     print(f"corpus: {stats['train_files']:,} training files ({stats['train_characters'] / 1e6:.1f}M characters), "
           f"{stats['heldout_files']:,} held-out files ({stats['heldout_characters'] / 1e6:.2f}M) from {stats['roots']}")
@@ -558,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{train.numel() / 1e6:.1f}M training tokens ({train.shape[0]:,} rows of {args.context}), "
           f"{heldout.shape[0]} held-out rows")
 
+    if args.device == "cuda":
+        train = train.to(args.device)  # a few hundred MB: no host-to-device copy per step
     tokens_per_step = args.rows * args.context
     probe_order = batch_order(train.shape[0], args.rows, 8, args.seed)
     speeds = {}

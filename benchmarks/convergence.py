@@ -169,7 +169,8 @@ def batch_order(num_rows: int, rows_per_step: int, steps: int, seed: int) -> tor
 # ---- models, precision, schedule
 
 
-def build_model(name: str, args, tokenizer, backend: str = "auto", loss_chunk_size: int | None = None) -> torch.nn.Module:
+def build_model(name: str, args, tokenizer, backend: str = "auto",
+                loss_chunk_size: int | None = None) -> torch.nn.Module:
     """A freshly initialised TNL or same-size Llama (seeded by --seed), fp32 weights on the run's device."""
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id)
@@ -286,6 +287,8 @@ class Record:
         self.out.write_text(json.dumps(self.data, indent=1))
         if with_plot:
             plot(self.data, self.out.with_suffix(".png"))
+            if self.data["models"]:
+                self.out.with_suffix(".md").write_text(markdown_summary(self.data))
 
 
 # ---- part 1: learning
@@ -336,7 +339,8 @@ def train_model(name: str, args, tokenizer, train: torch.Tensor, heldout: torch.
         result.update(steps_done=step, tokens=step * tokens_per_step)
         if step:
             result["tokens_per_s"] = round(result["tokens"] / result["train_seconds"])
-        result["evals"].append(dict(step=step, tokens=step * tokens_per_step, heldout_loss=round(losses.mean().item(), 4),
+        result["evals"].append(dict(step=step, tokens=step * tokens_per_step,
+                                    heldout_loss=round(losses.mean().item(), 4),
                                     by_position=summarise_positions(losses, args.context)))
         result["final_position_curve"] = position_curve(losses)
         print(f"  {name} step {step:>5}: held-out {result['evals'][-1]['heldout_loss']:.4f} "
@@ -475,13 +479,61 @@ def plot(data: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def markdown_summary(data: dict) -> str:
+    """The README's table and sentences, from a result: what `<out>.md` holds, ready to paste."""
+    meta, models, paths = data["meta"], data["models"], data.get("paths") or {}
+    settings = meta["settings"]
+    names = [name for name in MODELS if name in models]
+    labels = dict(tnl="TNL", llama="Llama (SDPA)")
+    last = {name: models[name]["evals"][-1] for name in names}
+    ranges = list(last[names[0]]["by_position"])
+    lines = [f"| {meta['device']}, {meta['date']} | " + " | ".join(labels[n] for n in names) + " |",
+             "|---|" + "---|" * len(names),
+             "| parameters | " + " | ".join(f"{models[n]['parameters'] / 1e6:.4g}M" for n in names) + " |",
+             f"| held-out loss after {last[names[0]]['tokens'] / 1e6:.1f}M tokens (nats/token) | "
+             + " | ".join(f"{last[n]['heldout_loss']:.3f}" for n in names) + " |"]
+    lines += [f"| held-out loss, positions {r} | " + " | ".join(f"{last[n]['by_position'][r]:.3f}" for n in names)
+              + " |" for r in ranges]
+    lines.append(f"| training tokens/s ({settings['precision']}) | "
+                 + " | ".join(f"{(models[n]['tokens_per_s'] or 0) / 1e3:.0f}K" for n in names) + " |")
+    corpus = meta["corpus"]
+    text = ["\n".join(lines),
+            f"{settings['steps']} steps of {settings['rows']} x {settings['context']} tokens "
+            f"({settings['epochs']} epochs of {corpus['train_tokens'] / 1e6:.1f}M training tokens from "
+            f"{corpus['train_files']:,} files; {corpus['heldout_rows']} held-out rows from other files; "
+            f"{corpus['vocab_size']:,}-token BPE), `{meta['command']}`, torch {meta['versions']['torch']}, "
+            f"Triton {meta['versions']['triton']}, transformers {meta['versions']['transformers']}."]
+    if "tnl" in last and "llama" in last:
+        gap = last["tnl"]["heldout_loss"] - last["llama"]["heldout_loss"]
+        text.append(f"TNL - Llama at equal tokens: {gap:+.3f} nats/token overall; "
+                    + ", ".join(f"{last['tnl']['by_position'][r] - last['llama']['by_position'][r]:+.3f} at "
+                                f"positions {r}" for r in ranges) + ".")
+    if "loss" in paths:
+        distance = paths["weight_distance_from_truth"]
+        text.append(
+            f"Triton path against torch path (TNL, same initial weights and batches, {paths['steps']} steps of "
+            f"{paths['rows']} x {paths['context']} tokens, {paths['precision']}; truth: the torch path in "
+            f"{paths['truth_precision']}): largest deviation of the loss from the truth "
+            f"{paths['max_deviation']['triton']:.2e} (Triton) and {paths['max_deviation']['torch']:.2e} nats (torch); "
+            f"final weights' distance from the "
+            f"truth's, relative to its update, {distance['triton']:.2e} and {distance['torch']:.2e}: "
+            + ("within the bound (at most 2x the torch path's, plus "
+               f"{paths['atol']} nats)." if paths["passed"] else "OUTSIDE the bound (2x the torch path's, plus "
+               f"{paths['atol']} nats): loss at steps {paths['violations'][:10] or 'none'}, weights "
+               f"{'outside' if distance['triton'] > 2 * distance['torch'] else 'within'}."))
+    elif "skipped" in paths:
+        text.append(f"Triton path against torch path: skipped ({paths['skipped']}).")
+    return "\n\n".join(text) + "\n"
+
+
 # ---- the command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence.json"))
-    parser.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only re-plot a result file")
+    parser.add_argument("--plot", type=Path, default=None, metavar="JSON",
+                        help="only redo the plot (.png) and the README table (.md) of a result file")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="100M")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -530,8 +582,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot is not None:
-        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
-        print(f"plot: {args.plot.with_suffix('.png')}")
+        data = json.loads(args.plot.read_text())
+        plot(data, args.plot.with_suffix(".png"))
+        args.plot.with_suffix(".md").write_text(markdown_summary(data))
+        print(f"plot: {args.plot.with_suffix('.png')}; README table: {args.plot.with_suffix('.md')}")
         return 0
     import transformers
 
@@ -557,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                  tokenize_seconds=round(time.perf_counter() - start, 1), train_tokens=train.numel(),
                  train_rows=train.shape[0], heldout_rows=heldout.shape[0],
                  characters_per_token=round(stats["train_characters"] / train.numel(), 2))
-    print(f"tokenizer: {len(tokenizer):,} tokens, trained on {size / 1e6:.1f}M characters in {tokenizer_seconds:.0f} s; "
+    print(f"tokenizer: {len(tokenizer):,} tokens, trained on {size / 1e6:.1f}M characters in "
+          f"{tokenizer_seconds:.0f} s; "
           f"{train.numel() / 1e6:.1f}M training tokens ({train.shape[0]:,} rows of {args.context}), "
           f"{heldout.shape[0]} held-out rows")
 
@@ -584,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                               triton=getattr(sys.modules.get("triton"), "__version__", None)),
                 corpus=stats, shape=dict(name=args.shape, **SHAPES[args.shape]),
                 settings=dict(context=args.context, rows=args.rows, micro_rows=args.micro_rows, steps=steps,
-                              tokens_per_model=steps * tokens_per_step, epochs=round(steps * args.rows / train.shape[0], 2),
+                              tokens_per_model=steps * tokens_per_step,
+                              epochs=round(steps * args.rows / train.shape[0], 2),
                               lr=args.lr, schedule="linear warm-up (5% of steps), cosine to 10%", betas=[0.9, 0.95],
                               weight_decay="0.1 on matrices", grad_clip=1.0, seed=args.seed,
                               precision="bf16 autocast, fp32 weights" if args.device == "cuda" else "fp32",
@@ -601,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         compare_paths(args, tokenizer, train, order, record)
     meta["wall_seconds"] = round(time.perf_counter() - wall)
     record.write(with_plot=True)
-    print(f"done in {meta['wall_seconds']} s: {args.out} and {args.out.with_suffix('.png')}")
+    print(markdown_summary(record.data) if record.data["models"] else "")
+    print(f"done in {meta['wall_seconds']} s: {args.out}, {args.out.with_suffix('.png')}, "
+          f"{args.out.with_suffix('.md')}")
     return 0
 
 

@@ -18,7 +18,8 @@ Part 1, learning: TNL and `same_size_llama` (LlamaForCausalLM, SDPA, parameter-m
 the same batches in the same order (training text cut into rows of `--context` tokens), AdamW (fused on CUDA),
 the same warm-up + cosine schedule, the same token budget, bf16 autocast on CUDA (fp32 master weights). TNL runs
 its default path (`attention_backend="auto"`: the Triton kernels on CUDA) with the chunked loss. The budget is
-`--tokens`, or `--minutes-per-model` of the slower model, whose speed is measured on a few steps first. Held-out
+`--tokens`, or `--minutes-per-model` of the slower model, whose speed is measured on a few steps first (shortened
+when needed so the whole run ends within `--deadline-minutes`, 8 by default). Held-out
 rows are the first `--context` tokens of held-out files at least that long, so a position in the row is a
 position in a real document: the held-out loss is given overall and per position range (0-127, 128-511,
 512-2047 at 2K context: does TNL use its long context as Llama does?). The JSON is rewritten after every
@@ -32,9 +33,10 @@ same optimizer, a short warm-up then the peak learning rate, trained three times
   truth    the torch path one precision up (fp32 with TF32 off on CUDA; float64 on CPU).
 Bound (the house tolerance rule of style.md, applied to training curves): both bf16 runs round differently from
 the truth; the Triton path passes when its loss deviates from the truth by at most twice what the torch path's
-does, plus a floor `atol` (1e-3 nats in bf16, 1e-6 in fp32) for the first steps where both deviations are below
-any rounding of the loss. Deviations of single steps can cross zero by chance, so the rule compares running
-maxima: for every step t, max_{s<=t} |L_triton(s) - L_truth(s)| <= 2 max_{s<=t} |L_torch(s) - L_truth(s)| + atol.
+does, plus a floor `atol` (1e-3 nats in bf16, 1e-5 in fp32) for the first steps, where both deviations are the
+rounding of one forward pass (the torch path's can be 1 ulp of the loss by luck; a 100M model's fp32 loss differs
+by ~1e-5 between two summation orders) rather than of a diverging trajectory. Deviations of single steps can
+cross zero by chance, so the rule compares running maxima: for every step t, max_{s<=t} |L_triton(s) - L_truth(s)| <= 2 max_{s<=t} |L_torch(s) - L_truth(s)| + atol.
 The final weights obey the same rule: |W_triton - W_truth| <= 2 |W_torch - W_truth| (reported relative to the
 truth's own update |W_truth - W_0|). The torch path is slow: its run stops after `--compare-seconds` and the
 other two run the same number of steps. It is bound by the host (a Python loop over blocks of 64 tokens per
@@ -73,10 +75,12 @@ SHAPES = {
 DEFAULTS = {
     "100M": dict(context=2048, rows=32, vocab_size=16384, corpus_mb=128.0, tokenizer_mb=16.0, heldout_blocks=128,
                  minutes_per_model=1.75, lr=1e-3, heldout_percent=3.0, compare_steps=200, compare_rows=8,
-                 compare_context=2048, compare_seconds=40.0, roots=list(ROOT_KEYS)),
+                 compare_context=2048, compare_seconds=40.0, roots=list(ROOT_KEYS), deadline_minutes=8.0),
+    # tiny reads the standard library only (listing site-packages takes seconds); the Triton interpreter allows
+    # only a few steps of one short row.
     "tiny": dict(context=128, rows=8, vocab_size=1024, corpus_mb=1.5, tokenizer_mb=0.5, heldout_blocks=16,
                  minutes_per_model=0.1, lr=3e-3, heldout_percent=10.0, compare_steps=3, compare_rows=1,
-                 compare_context=16, compare_seconds=30.0, roots=["stdlib"]),  # listing site-packages takes seconds
+                 compare_context=16, compare_seconds=30.0, roots=["stdlib"], deadline_minutes=0.0),
 }
 SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt")
 MAX_FILE_BYTES = 512 * 1024
@@ -409,7 +413,7 @@ def compare_paths(args, tokenizer, train: torch.Tensor, order: torch.Tensor, rec
     print(f"Triton against torch: the torch path ran {steps} steps in {torch_seconds:.0f} s")
     truth_losses, truth_weights, _ = _path_run("truth", args, tokenizer, initial, batches, None)
     triton_losses, triton_weights, triton_seconds = _path_run("triton", args, tokenizer, initial, batches, None)
-    atol = 1e-3 if args.device == "cuda" else 1e-6
+    atol = 1e-3 if args.device == "cuda" else 1e-5
     triton_dev = [abs(a - b) for a, b in zip(triton_losses, truth_losses)]
     torch_dev = [abs(a - b) for a, b in zip(torch_losses, truth_losses)]
     envelope_triton = [max(triton_dev[: t + 1]) for t in range(steps)]
@@ -550,6 +554,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout-blocks", type=int, help="held-out rows (files at least --context tokens long)")
     parser.add_argument("--tokens", type=int, default=None, help="token budget per model (default: from the time)")
     parser.add_argument("--minutes-per-model", type=float, help="the budget: this many minutes of the slower model")
+    parser.add_argument("--deadline-minutes", type=float, help="shorten --minutes-per-model so the whole run ends "
+                        "within this many minutes of its start (0: no deadline)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: ~12 in all)")
     parser.add_argument("--eval-rows", type=int, default=8, help="held-out rows per evaluation forward")
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -625,8 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     speeds = {}
     if args.tokens is None and "learn" in args.parts:
         speeds = {name: round(measure_tokens_per_s(name, args, tokenizer, train, probe_order)) for name in MODELS}
-        budget = int(args.minutes_per_model * 60 * min(speeds.values()))
-        print(f"measured {speeds} tokens/s: {args.minutes_per_model} minutes of the slower one is {budget:,} tokens")
+        minutes = args.minutes_per_model
+        if args.deadline_minutes:
+            # What is left of the deadline after start-up, the comparison (its torch and truth runs take about
+            # --compare-seconds each, the Triton run far less) and ~13 evaluations per model, for two models.
+            left = args.deadline_minutes * 60 - (time.perf_counter() - wall)
+            left -= ("paths" in args.parts) * (2.5 * args.compare_seconds + 20) + 30
+            minutes = max(0.05, min(minutes, left / 2 / 60))
+        budget = int(minutes * 60 * min(speeds.values()))
+        print(f"measured {speeds} tokens/s: {minutes:.2f} minutes of the slower one is {budget:,} tokens")
     else:
         budget = args.tokens or tokens_per_step
     steps = max(1, budget // tokens_per_step)
@@ -647,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
                               weight_decay="0.1 on matrices", grad_clip=1.0, seed=args.seed,
                               precision="bf16 autocast, fp32 weights" if args.device == "cuda" else "fp32",
                               tnl_loss_chunk_size=args.loss_chunk_size, eval_every=args.eval_every,
-                              measured_tokens_per_s=speeds, minutes_per_model=args.minutes_per_model))
+                              measured_tokens_per_s=speeds, minutes_per_model=args.minutes_per_model,
+                              deadline_minutes=args.deadline_minutes))
     record = Record(args.out, meta)
     if "learn" in args.parts:
         for name in MODELS:

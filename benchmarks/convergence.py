@@ -36,7 +36,8 @@ the truth; the Triton path passes when its loss deviates from the truth by at mo
 does, plus a floor `atol` (1e-3 nats in bf16, 1e-5 in fp32) for the first steps, where both deviations are the
 rounding of one forward pass (the torch path's can be 1 ulp of the loss by luck; a 100M model's fp32 loss differs
 by ~1e-5 between two summation orders) rather than of a diverging trajectory. Deviations of single steps can
-cross zero by chance, so the rule compares running maxima: for every step t, max_{s<=t} |L_triton(s) - L_truth(s)| <= 2 max_{s<=t} |L_torch(s) - L_truth(s)| + atol.
+cross zero by chance, so the rule compares running maxima: for every step t,
+    max_{s<=t} |L_triton(s) - L_truth(s)| <= 2 max_{s<=t} |L_torch(s) - L_truth(s)| + atol.
 The final weights obey the same rule: |W_triton - W_truth| <= 2 |W_torch - W_truth| (reported relative to the
 truth's own update |W_truth - W_0|). The torch path is slow: its run stops after `--compare-seconds` and the
 other two run the same number of steps. It is bound by the host (a Python loop over blocks of 64 tokens per

@@ -64,7 +64,8 @@ import torch
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.kernels import triton_unavailable_reason
-from transnormer_hf.quickstart import same_size_llama, token_blocks, train_tokenizer
+from transnormer_hf.quickstart import same_size_llama  # on main since this branch: transnormer_hf.baselines
+from transnormer_hf.quickstart import token_blocks, train_tokenizer
 
 ROOT_KEYS = ("stdlib", "purelib", "platlib")  # the standard library and site-packages
 SHAPES = {

@@ -142,6 +142,70 @@ def _op_cases(world: int) -> dict[str, float]:
     return errors
 
 
+def _tiny_model(**overrides):
+    from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+
+    torch.manual_seed(0)
+    fields = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                  lrpe_layers=[1, 1], initializer_range=0.2)  # LRPE everywhere: d_k = 2 d_v in every layer
+    return TransNormerLLMForCausalLM(TransNormerLLMConfig(**{**fields, **overrides})).train()
+
+
+def _model_batch(rows: int, length: int, documents: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Random tokens with a few ignored labels; `documents`: lengths of documents packed into one row."""
+    generator = torch.Generator().manual_seed(rows * 100 + length)
+    input_ids = torch.randint(3, 40, (rows, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, 3] = -100
+    batch = {"input_ids": input_ids, "labels": labels}
+    if documents is not None:
+        assert rows == 1 and sum(documents) == length
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in documents]).view(1, -1)
+        starts = torch.tensor(documents).cumsum(0)[:-1]
+        labels[0, starts] = -100  # DataCollatorWithFlattening: no token predicts the next document's first
+    return batch
+
+
+def _model_case(name: str, batch: dict[str, torch.Tensor], checkpointing: bool = False,
+                **config) -> dict[str, float]:
+    """Loss and every parameter gradient of the model on its slice (summed over ranks) vs the whole batch."""
+    import torch.distributed as dist
+
+    from transnormer_hf.context_parallel import enable_context_parallel, shard_for_context_parallel
+
+    models = [_tiny_model(**config) for _ in range(2)]
+    if checkpointing:
+        for model in models:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = models[0](**batch).loss
+    reference.backward()
+    group = dist.group.WORLD
+    enable_context_parallel(models[1], group)
+    loss = models[1](**shard_for_context_parallel(batch, group)).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    errors = {f"{name}/loss": abs(total.item() - reference.item()) / abs(reference.item())}
+    for (param_name, ref), param in zip(models[0].named_parameters(), models[1].parameters()):
+        grad = param.grad.clone()
+        dist.all_reduce(grad)
+        errors[f"{name}/grad/{param_name}"] = _rel(grad, ref.grad)
+    return errors
+
+
+def _model_cases(world: int) -> dict[str, float]:
+    length = 29 if world == 2 else 58  # not a multiple of the rank count
+    documents = [5, 12, 1, 11] if world == 2 else [5, 12, 1, 11, 3, 20, 6]  # documents across rank boundaries
+    errors = {}
+    errors.update(_model_case("model_plain", _model_batch(2, length)))
+    errors.update(_model_case("model_packed", _model_batch(1, length, documents)))
+    errors.update(_model_case("model_checkpointing", _model_batch(1, length, documents), checkpointing=True))
+    errors.update(_model_case("model_chunked_loss", _model_batch(2, length), loss_chunk_size=8))
+    if world == 2:
+        errors.update(_model_case("model_blocks", _model_batch(1, 150)))  # slices longer than a 64-token block
+    return errors
+
+
 def _worker(out: str) -> None:
     import torch.distributed as dist
 
@@ -149,7 +213,7 @@ def _worker(out: str) -> None:
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
-    errors = _op_cases(world)
+    errors = {**_op_cases(world), **_model_cases(world)}
     names = sorted(errors)  # the largest error over ranks
     table = torch.tensor([errors.get(name, 0.0) for name in names], dtype=torch.float64)
     dist.all_reduce(table, op=dist.ReduceOp.MAX)

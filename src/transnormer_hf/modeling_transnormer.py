@@ -20,10 +20,19 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from transnormer_hf.kernels import gated_srms_norm, lightning_attn, lightning_attn_step, linear_cross_entropy, srms_norm
+from transnormer_hf.kernels import (
+    ContextParallelLayout,
+    gated_srms_norm,
+    lightning_attn,
+    lightning_attn_step,
+    linear_cross_entropy,
+    srms_norm,
+)
 
 from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
+from .context_parallel import forward_layout
+from .context_parallel import loss_kwargs as context_parallel_loss_kwargs
 
 # ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, old name deprecated until 5.40)
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -176,6 +185,7 @@ class TransNormerLLMAttention(nn.Module):
         padding_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         output_final_state: bool,
+        context_parallel: ContextParallelLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         q, k, v, u = self.qkvu_proj(hidden_states).chunk(4, dim=-1)
@@ -193,7 +203,7 @@ class TransNormerLLMAttention(nn.Module):
         else:
             out, new_state = lightning_attn(
                 q, k, v, rates, initial_state=state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens, backend=self.backend,
+                cu_seqlens=cu_seqlens, backend=self.backend, context_parallel=context_parallel,
             )
         out = out.reshape(batch, length, -1)  # (B, N, H * D)
         if isinstance(self.norm, TransNormerLLMSRMSNorm):  # u * norm(out) in one fused pass on Triton
@@ -221,9 +231,11 @@ class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):
         padding_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         output_final_state: bool = False,
+        context_parallel: ContextParallelLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mixed, new_state = self.token_mixer(
-            self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state
+            self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state,
+            context_parallel,
         )
         hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
@@ -276,6 +288,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
         self.final_norm = _make_norm(config, config.hidden_size)
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.gradient_checkpointing = False
+        self.context_parallel_group = None  # a process group: each forward is one slice (context_parallel.py)
         self.post_init()
 
     def forward(
@@ -307,7 +320,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and self.context_parallel_group is None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         if use_cache and cache is None:
@@ -346,6 +359,12 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             positions = cache.positions(hidden_states.shape[1], hidden_states.device)
         else:
             positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        context_parallel = None
+        if self.context_parallel_group is not None:
+            context_parallel = forward_layout(
+                self.context_parallel_group, position_ids, hidden_states, cu_seqlens, cache
+            )
+            positions = positions + context_parallel.offset  # LRPE: global positions
         all_hidden_states = () if output_hidden_states else None
         for layer_idx, layer in enumerate(self.layers):
             if output_hidden_states:
@@ -353,7 +372,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             state = cache.layers[layer_idx].state if cache is not None else None
             hidden_states, new_state = layer(
                 hidden_states, state=state, positions=positions, padding_mask=padding_mask,
-                cu_seqlens=cu_seqlens, output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens, output_final_state=cache is not None, context_parallel=context_parallel,
             )
             if cache is not None:
                 cache.layers[layer_idx].update(new_state)
@@ -406,6 +425,8 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
         With `config.loss_chunk_size > 0` a training step computes the loss chunk by chunk from the hidden states and
         returns `logits=None` (turn it off for tools that read training logits, e.g. token accuracy)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and self.model.context_parallel_group is not None:
+            kwargs = context_parallel_loss_kwargs(self.model.context_parallel_group, labels, kwargs)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_merge_cache_kwargs(cache, past_key_values), inputs_embeds=inputs_embeds,

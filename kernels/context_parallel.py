@@ -6,9 +6,9 @@ d_k x d_v states, never their keys and values:
 
 1. every rank runs the ordinary local op from a zero state and keeps its local final state F_r (the state of
    its last packed document when the slice holds several);
-2. one all-gather per layer shares the F_r (fp32, (B, H, d_k, d_v)); `torch.distributed.nn.functional.all_gather`
-   is differentiable, its backward sums each F_r's gradient from every rank back onto rank r (the mirrored
-   reduce-scatter of LASP-2), so autograd gives exact gradients with no hand-written backward;
+2. one all-gather per layer shares the F_r (fp32, (B, H, d_k, d_v)); its backward reduce-scatters each F_r's
+   gradient from every rank back onto rank r (the mirrored collective of LASP-2), so autograd gives exact
+   gradients through the rest of the op with no hand-written backward;
 3. the state before rank r's first token is S_in = sum_{j<r} lambda^(n_{j+1} + ... + n_{r-1}) F_j, summed from
    rank r-1 backwards and stopped after the first rank whose slice holds a document start;
 4. the local output is corrected by the term the local run missed, the same term an initial state adds in
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 Tensor = torch.Tensor
 
@@ -108,9 +107,36 @@ def layout_from_cu_seqlens(group: dist.ProcessGroup, lengths: tuple[int, ...],
     return layout, local
 
 
+class _AllGatherFunction(torch.autograd.Function):
+    """All-gather whose backward reduce-scatters the gradients back to their owners (sums over ranks).
+
+    `torch.distributed.nn.functional.all_gather` would do, but its gloo backward (an all-to-all made of scatters)
+    passes group ranks where global ranks belong and fails on any subgroup, e.g. the cp dimension of a dp x cp
+    mesh (torch 2.13). Backends without reduce-scatter (gloo) all-reduce the stacked gradients instead.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        gathered = tensor.new_empty((dist.get_world_size(group), *tensor.shape))
+        dist.all_gather(list(gathered.unbind(0)), tensor.contiguous(), group=group)
+        return gathered  # (R, *tensor.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.GLOO:
+            summed = grad.clone()  # autograd may share the incoming gradient: reduce a copy
+            dist.all_reduce(summed, group=ctx.group)
+            return summed[dist.get_rank(ctx.group)], None
+        mine = grad.new_empty(grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+        return mine, None
+
+
 def _gather_states(state: Tensor, layout: ContextParallelLayout) -> list[Tensor]:
     """Every rank's local final state, in rank order; differentiable (the backward sums gradients to the owner)."""
-    return list(dist_fn.all_gather(state.contiguous(), group=layout.group))
+    return list(_AllGatherFunction.apply(state, layout.group).unbind(0))
 
 
 def _decay(rates: Tensor, distance: int | Tensor) -> Tensor:

@@ -193,6 +193,37 @@ def _model_case(name: str, batch: dict[str, torch.Tensor], checkpointing: bool =
     return errors
 
 
+def _fsdp2_case(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """FSDP2 over all 4 ranks x context parallelism 2: a (dp 2, cp 2) mesh, one row per data-parallel group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from transnormer_hf.context_parallel import enable_context_parallel, shard_for_context_parallel
+
+    reference_model = _tiny_model()
+    reference = reference_model(**batch).loss
+    reference.backward()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    row = mesh.get_local_rank("dp")
+    model = _tiny_model()
+    enable_context_parallel(model, mesh.get_group("cp"))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    local = shard_for_context_parallel({key: value[row : row + 1] for key, value in batch.items()},
+                                       mesh.get_group("cp"))
+    num_items = int((batch["labels"][:, 1:] != -100).sum())  # the global batch's label count
+    loss = model(**local, num_items_in_batch=num_items).loss
+    (loss * dist.get_world_size()).backward()  # FSDP2 averages gradients over its 4 ranks; the losses add up
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    errors = {"fsdp2_cp/loss": abs(total.item() - reference.item()) / abs(reference.item())}
+    for (name, ref), param in zip(reference_model.named_parameters(), model.parameters()):
+        errors[f"fsdp2_cp/grad/{name}"] = _rel(param.grad.full_tensor(), ref.grad)
+    return errors
+
+
 def _model_cases(world: int) -> dict[str, float]:
     length = 29 if world == 2 else 58  # not a multiple of the rank count
     documents = [5, 12, 1, 11] if world == 2 else [5, 12, 1, 11, 3, 20, 6]  # documents across rank boundaries
@@ -203,6 +234,8 @@ def _model_cases(world: int) -> dict[str, float]:
     errors.update(_model_case("model_chunked_loss", _model_batch(2, length), loss_chunk_size=8))
     if world == 2:
         errors.update(_model_case("model_blocks", _model_batch(1, 150)))  # slices longer than a 64-token block
+    else:
+        errors.update(_fsdp2_case(_model_batch(2, length)))
     return errors
 
 

@@ -47,6 +47,37 @@ def test_broken_carry_is_caught(errors):
         assert all(error > 100 * TOLERANCE for error in caught.values()), caught
 
 
+def test_train_cli_context_parallel_matches_one_process(tmp_path):
+    """`train --context-parallel 2` on 2 ranks x 1 packed row trains the weights of 1 process x 2 rows."""
+    from safetensors.torch import load_file
+
+    from transnormer_hf.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"text": "{"ab cd " * (3 + i % 5)}doc {i}"}}\n' for i in range(8)))
+    common = ["train", "--model", "tiny", "--data", str(data), "--max-length", "64", "--max-steps", "3",
+              "--lr", "1e-2", "--no-progress", "--save-steps", "100", "--logging-steps", "1",
+              "--gradient-checkpointing", "--loss-chunk-size", "16"]
+    assert main([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    _run_torchrun(tmp_path, "-m", "transnormer_hf", *common, "--output-dir", str(tmp_path / "cp"),
+                  "--batch-size", "1", "--context-parallel", "2")
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    cp = load_file(tmp_path / "cp" / "final" / "model.safetensors")
+    assert one.keys() == cp.keys()
+    for name in one:
+        torch.testing.assert_close(cp[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_cli_context_parallel_needs_packing(tmp_path, capsys):
+    from transnormer_hf.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "ab cd ab cd"}\n')
+    assert main(["train", "--model", "tiny", "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                 "--context-parallel", "2", "--no-packing"]) == 2
+    assert "--context-parallel must be at least 1 and needs --packing" in capsys.readouterr().err
+
+
 # ---- the worker, run by torchrun ----------------------------------------------------------------------------------
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -114,3 +114,63 @@ def loss_kwargs(group: dist.ProcessGroup, labels: torch.Tensor, kwargs: dict) ->
         dist.all_reduce(count, group=group)
         kwargs = {**kwargs, "num_items_in_batch": count}
     return kwargs
+
+
+def gather_packed_rows(batch: Mapping[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """The group's packed rows (each rank's `PackedCollator` row, (1, T_r)) laid end to end in one (1, sum T_r) row.
+
+    So a context-parallel group trains the rows its ranks loaded, as data parallelism would: the global batch is
+    unchanged, every document still starts at position 0 (the state resets there) and its first label is -100.
+    """
+    keys = ("input_ids", "position_ids", "labels")
+    if any(key not in batch for key in keys) or "attention_mask" in batch or batch["input_ids"].shape[0] != 1:
+        raise ValueError("context parallelism trains packed rows: a batch of one row with input_ids, position_ids "
+                         f"and labels and no attention_mask (--packing); got {sorted(batch)} of shape "
+                         f"{tuple(batch['input_ids'].shape)}")
+    world = dist.get_world_size(group)
+    length = torch.tensor([batch["input_ids"].shape[1]], device=batch["input_ids"].device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    lengths = [int(n) for n in torch.cat(lengths).tolist()]
+    joined = dict(batch)
+    for key, fill in zip(keys, (0, 0, IGNORE_INDEX)):
+        row = F.pad(batch[key], (0, max(lengths) - batch[key].shape[1]), value=fill)  # all_gather needs one shape
+        rows = [torch.empty_like(row) for _ in range(world)]
+        dist.all_gather(rows, row.contiguous(), group=group)
+        joined[key] = torch.cat([row[:, :n] for row, n in zip(rows, lengths)], dim=1)
+    return joined
+
+
+def context_parallel_mesh(size: int, device_type: str):
+    """A (dp, cp) DeviceMesh over the whole world: consecutive ranks form one context-parallel group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if size < 1 or world % size:
+        raise ValueError(f"the context-parallel size must divide the number of processes {world}; got {size}")
+    return init_device_mesh(device_type, (world // size, size), mesh_dim_names=("dp", "cp"))
+
+
+def context_parallel_trainer_class():
+    """`transformers.Trainer` with context parallelism over the "cp" dimension of a (dp, cp) mesh.
+
+    Each rank loads its own packed rows as under plain data parallelism; `compute_loss` joins the rows of its
+    context-parallel group (`gather_packed_rows`) and runs this rank's slice. Trainer's `num_items_in_batch`
+    (the label count over every rank) and its loss scale by the number of processes then give DDP and FSDP2, which
+    average gradients over all ranks, exactly the one-process gradient of the same global batch.
+    """
+    from transformers import Trainer
+
+    class ContextParallelTrainer(Trainer):
+        def __init__(self, *args, context_parallel_group: dist.ProcessGroup, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.context_parallel_group = context_parallel_group
+            enable_context_parallel(self.model, context_parallel_group)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            local = shard_for_context_parallel(gather_packed_rows(inputs, self.context_parallel_group),
+                                               self.context_parallel_group)
+            return super().compute_loss(model, local, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return ContextParallelTrainer

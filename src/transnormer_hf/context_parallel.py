@@ -45,7 +45,11 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def enable_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup | None) -> torch.nn.Module:
-    """Make `model` run each forward as this rank's slice of a sequence split over `group` (None: turn it off)."""
+    """Make `model` run each forward as this rank's slice of a sequence split over `group` (None: turn it off).
+
+    A group of one rank is the plain path: no layout is gathered, nothing changes."""
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
     _base_model(model).context_parallel_group = group
     return model
 

@@ -4,6 +4,7 @@ One `torchrun` launch per world size (2 and 4 ranks, gloo on CPU) runs every cas
 (`__main__`): each rank builds the same global inputs from a seed, runs its slice under context parallelism and
 the whole sequence on its own, and reports the largest relative error (max over ranks) of every output, state
 and gradient. A deliberately broken carry (wrong decay exponent, states in the wrong rank order) must miss.
+`train --context-parallel 2` under torchrun trains the weights of one process on the same global batch.
 """
 
 from __future__ import annotations

@@ -9,12 +9,19 @@ variable `TRANSNORMER_HF_BACKEND` (for debugging).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from .context_parallel import (
+    ContextParallelLayout,
+    layout_from_cu_seqlens,
+    lightning_attn_context_parallel,
+    slice_lengths,
+)
 from .linear_cross_entropy import cross_entropy_rows_ref
 from .linear_cross_entropy import linear_cross_entropy as _chunked_linear_cross_entropy
 from .reference import (
@@ -30,6 +37,9 @@ from .reference import (
 
 __all__ = [
     "BACKENDS",
+    "ContextParallelLayout",
+    "layout_from_cu_seqlens",
+    "slice_lengths",
     "gated_srms_norm",
     "lightning_attn",
     "lightning_attn_step",
@@ -132,6 +142,7 @@ def lightning_attn(
     cu_seqlens: torch.Tensor | None = None,
     output_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    context_parallel: ContextParallelLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention with per-head decay exp(-decay_rates); see `reference.py` for the math.
 
@@ -145,11 +156,19 @@ def lightning_attn(
         output_dtype: dtype of o (default v's). There is no softmax denominator, so o grows with the sequence
             (past fp16's 65504 on long inputs): fp16 models take it in torch.float32.
         backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+        context_parallel: the sequence is split across this layout's process group and q, k, v, cu_seqlens are
+            this rank's slice (see `context_parallel.py`); the final state is then the whole sequence's.
 
     Returns:
         (o of shape (B, N, H, d_v) in `output_dtype`, final state or None).
     """
     validate_lightning_attn_args(q, k, v, decay_rates, initial_state, cu_seqlens)
+    if context_parallel is not None and context_parallel.world_size > 1:
+        local_op = functools.partial(lightning_attn, backend=backend)
+        return lightning_attn_context_parallel(
+            q, k, v, decay_rates, context_parallel, local_op, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        )
     if resolve_backend(backend, q.device) == "triton":
         return _triton_module("triton_lightning_attn").lightning_attn(
             q, k, v, decay_rates, scale=scale, initial_state=initial_state,

@@ -91,8 +91,9 @@ def _dump_stacks_and_kill(process: subprocess.Popen) -> str:
     return process.communicate()[1] or ""
 
 
-def _run_torchrun(tmp_path: Path, *worker_args: str, attempt_seconds: int = 150) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc-per-node 2 --standalone <worker_args>` and assert it succeeds.
+def _run_torchrun(tmp_path: Path, *worker_args: str, attempt_seconds: int = 150,
+                  nproc: int = WORLD_SIZE) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc-per-node <nproc> --standalone <worker_args>` and assert it succeeds.
 
     Once in many CI runs torchrun hung after its workers had printed their last line (training done, model saved);
     the interpreter teardown that `finish_distributed_rank` now skips is the likely place, but that is not proven.
@@ -102,7 +103,7 @@ def _run_torchrun(tmp_path: Path, *worker_args: str, attempt_seconds: int = 150)
     import warnings
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD_SIZE),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--standalone", *worker_args]
     for attempt in (1, 2):
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from transnormer_hf.kernels import (
     STEP_ACTIVATIONS,
+    ContextParallelLayout,
     gated_srms_norm,
     lightning_attn,
     lightning_attn_step,
@@ -33,6 +34,8 @@ from transnormer_hf.kernels import (
 
 from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
+from .context_parallel import forward_layout
+from .context_parallel import loss_kwargs as context_parallel_loss_kwargs
 
 # ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, old name deprecated until 5.40)
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -188,6 +191,7 @@ class TransNormerLLMAttention(nn.Module):
         cu_seqlens: torch.Tensor | None,
         output_final_state: bool,
         state_in_place: bool = False,
+        context_parallel: ContextParallelLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`state_in_place`: a one-token step may write the new state into `state` (the static cache's)."""
         batch, length, _ = hidden_states.shape
@@ -223,6 +227,7 @@ class TransNormerLLMAttention(nn.Module):
             out, new_state = lightning_attn(
                 q, k, v, rates, initial_state=state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, output_dtype=torch.float32 if fp32_output else None, backend=self.backend,
+                context_parallel=context_parallel,
             )
         return self._output(out.reshape(batch, length, -1), u), new_state  # (B, N, H * D)
 
@@ -267,10 +272,11 @@ class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):
         cu_seqlens: torch.Tensor | None = None,
         output_final_state: bool = False,
         state_in_place: bool = False,
+        context_parallel: ContextParallelLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mixed, new_state = self.token_mixer(
             self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state,
-            state_in_place,
+            state_in_place, context_parallel,
         )
         hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
@@ -410,6 +416,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
         self.final_norm = _make_norm(config, config.hidden_size)
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.gradient_checkpointing = False
+        self.context_parallel_group = None  # a process group: each forward is one slice (context_parallel.py)
         self.post_init()
 
     def forward(
@@ -449,7 +456,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and self.context_parallel_group is None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         if use_cache and cache is None:
@@ -494,6 +501,13 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
         else:
             positions = torch.arange(length, device=hidden_states.device)
 
+        context_parallel = None
+        if self.context_parallel_group is not None:
+            context_parallel = forward_layout(
+                self.context_parallel_group, position_ids, hidden_states, cu_seqlens, cache
+            )
+            positions = positions + context_parallel.offset  # LRPE: global positions
+
         def unpack(states: torch.Tensor) -> torch.Tensor:
             return rows.scatter(states) if rows is not None else states.view(batch, length, -1)
 
@@ -504,7 +518,7 @@ class TransNormerLLMModel(TransNormerLLMPreTrainedModel):
             state = cache.layers[layer_idx].state if cache is not None else None
             hidden_states, new_state = layer(
                 hidden_states, state=state, positions=positions, padding_mask=padding_mask,
-                cu_seqlens=cu_seqlens, output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens, output_final_state=cache is not None, context_parallel=context_parallel,
                 state_in_place=cache is not None and cache.layers[layer_idx].is_compileable,
             )
             if cache is not None:
@@ -558,6 +572,8 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
         With `config.loss_chunk_size > 0` a training step computes the loss chunk by chunk from the hidden states and
         returns `logits=None` (turn it off for tools that read training logits, e.g. token accuracy)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and self.model.context_parallel_group is not None:
+            kwargs = context_parallel_loss_kwargs(self.model.context_parallel_group, labels, kwargs)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_merge_cache_kwargs(cache, past_key_values), inputs_embeds=inputs_embeds,

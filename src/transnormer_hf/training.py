@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     optim.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     optim.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
     optim.add_argument("--torch-compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                       help="split each step's packed sequence across N consecutive ranks (exact; composes with "
+                            "DDP/FSDP2 over the rest: processes = data-parallel x N); needs --packing")
     optim.add_argument("--seed", type=int, default=42)
     lora = parser.add_argument_group("LoRA (peft)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters only")
@@ -253,6 +256,9 @@ def _validate(args: argparse.Namespace) -> None:
                        "Hub id, or drop --lora")
     if args.model not in PRESET_NAMES:
         _check_model_source(args.model)
+    if args.context_parallel < 1 or (args.context_parallel > 1 and not args.packing):
+        raise CLIError(f"--context-parallel must be at least 1 and needs --packing; got {args.context_parallel} "
+                       f"with packing {'on' if args.packing else 'off'}")
 
 
 def _check_model_source(name: str) -> None:
@@ -303,9 +309,16 @@ def run_train(args: argparse.Namespace) -> int:
     if pad_token_id is None:
         pad_token_id = eos if eos is not None else 0
     collator = PackedCollator() if args.packing else PaddedCollator(pad_token_id)
-    trainer = Trainer(
-        model=model, args=_training_arguments(args, bool(eval_rows)), train_dataset=train_rows,
-        eval_dataset=eval_rows or None, data_collator=collator,
+    training_arguments = _training_arguments(args, bool(eval_rows))
+    trainer_class, extra = Trainer, {}
+    if args.context_parallel > 1:
+        from .context_parallel import context_parallel_mesh, context_parallel_trainer_class
+
+        mesh = context_parallel_mesh(args.context_parallel, training_arguments.device.type)
+        trainer_class, extra = context_parallel_trainer_class(), {"context_parallel_group": mesh.get_group("cp")}
+    trainer = trainer_class(
+        model=model, args=training_arguments, train_dataset=train_rows,
+        eval_dataset=eval_rows or None, data_collator=collator, **extra,
     )
     main_process = trainer.is_world_process_zero()
     if main_process:

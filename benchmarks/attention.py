@@ -4,7 +4,8 @@ Times forward and forward+backward (median of `triton.testing.do_bench`) and mea
 memory of forward+backward for: ours (`transnormer_hf.kernels.lightning_attn`, backend "triton"),
 fla `chunk_simple_gla` and `fused_chunk_simple_gla` (g_gamma=-rate, scale=1.0), the official
 `lightning_attn_func` (lightning-attn 0.0.5) and torch SDPA causal softmax (backend stated), each in
-its native layout, bf16, on the grids of shared/docs/kernel_anchors.md section 7. Also checks the
+its native layout, bf16, on the grids of shared/docs/kernel_anchors.md section 7, with HBM floors from this
+GPU's measured device-to-device copy bandwidth (in the JSON). Also checks the
 kernel (fp32 and bf16, states, varlen) and every anchor's accuracy against a float64 reference.
 
     python benchmarks/attention.py --grids A F --out benchmarks/results/attention_h100.json
@@ -123,8 +124,19 @@ def time_impl(name, batch, heads, length, key_dim, value_dim, cu_seqlens=None, r
     return {"fwd_ms": fwd, "fwd_bwd_ms": both, "extra_peak_MiB": extra}
 
 
-def floors(batch, heads, length, key_dim, value_dim, bandwidth=3.0e12):
-    """HBM-traffic floors (ms): forward reads q, k, v and writes o; backward adds do in, dq, dk, dv out."""
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """This GPU's device-to-device copy bandwidth in bytes/s (bytes read + written), median of do_bench."""
+    from triton.testing import do_bench
+
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    ms = do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
+    return 2 * source.numel() / (ms * 1e-3)
+
+
+def floors(batch, heads, length, key_dim, value_dim, bandwidth):
+    """HBM-traffic floors (ms) at `bandwidth` bytes/s: forward reads q, k, v and writes o; backward adds do in,
+    dq, dk, dv out."""
     tokens = batch * heads * length
     fwd_bytes = 2 * tokens * (2 * key_dim + 2 * value_dim)
     bwd_bytes = 2 * tokens * (4 * key_dim + 3 * value_dim)
@@ -270,7 +282,8 @@ def main():
         "gpu": torch.cuda.get_device_name(),
         "versions": versions(),
         "sdpa_backend": "default dispatch (torch picks cuDNN / flash / efficient)",
-        "floors_bandwidth_TBps": 3.0,
+        "floors_bandwidth": "measured device-to-device copy of 1 GiB (bytes read + written) on this GPU",
+        "floors_bandwidth_TBps": round(copy_bandwidth() / 1e12, 3),
         "rows": [], "varlen": [], "accuracy": [], "checks": [], "launch_configs": [],
     }
     try:
@@ -317,7 +330,8 @@ def main():
                     continue
                 torch.cuda.empty_cache()
                 row = {"grid": grid, "B": batch, "H": heads, "N": length, "d_k": key_dim, "d_v": value_dim,
-                       "impl": name, **result, **floors(batch, heads, length, key_dim, value_dim),
+                       "impl": name, **result,
+                       **floors(batch, heads, length, key_dim, value_dim, record["floors_bandwidth_TBps"] * 1e12),
                        "wall_s": round(time.time() - start, 1)}
                 record["rows"].append(row)
                 print(time.strftime("%H:%M:%S"), row, flush=True)
@@ -368,7 +382,7 @@ def plot(path):
                 axis.plot(*zip(*points), marker="o", label=name)
         floor_key = "fwd_floor_ms" if key == "fwd_ms" else "fwd_bwd_floor_ms"
         floor = sorted({(r["N"], r[floor_key]) for r in rows})
-        axis.plot(*zip(*floor), "k--", label="HBM floor (3 TB/s)")
+        axis.plot(*zip(*floor), "k--", label=f"HBM floor ({record.get('floors_bandwidth_TBps', 3.0)} TB/s copy)")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("N (tokens per sequence)")

@@ -37,9 +37,12 @@ the GPU needs, the sequence is long enough for the GPU rather than the host to s
 shortens the longest serial walk at least 2x. A backward that splits runs its three sweeps one by one;
 dk then reuses the segment states of dv's pass 1 and carry (its state G^T is dv's G transposed).
 
-Precision: 16-bit inputs feed the tensor cores directly (P and the state are rounded to the input
-dtype for their products, as in fla); fp32 inputs use Triton's default TF32 dots (rel. error ~1.4e-3
-on an H100); set TRITON_F32_DEFAULT=ieee before the first launch for exact fp32.
+Precision: bf16 inputs feed the tensor cores directly (P and the state are rounded to bf16 for their
+products, as in fla). fp32 inputs follow torch's matmul precision (`fp32_dot_precision`): IEEE products under
+"highest" (torch's default), TF32 when torch allows it; it is a custom-op argument and the INPUT_PRECISION
+constexpr. fp16 inputs are computed in fp32 with TF32 products: fp16's mantissa, but fp32's range for the
+scores and the state, which outgrow fp16 on long inputs (no softmax denominator). Launch configurations are
+picked before launch to fit the device's shared memory (`_launch_config`).
 """
 
 from __future__ import annotations
@@ -228,11 +231,12 @@ def _shared_memory_limit(device: torch.device) -> int:
 
 
 def _shared_memory_estimate(block_a: int, block_c: int, num_stages: int, itemsize: int) -> int:
-    """An upper bound of the sweep's shared memory: `num_stages` buffers of one chunk's a, b and c tiles.
-
-    Exact for TF32 and 16-bit dots; IEEE fp32 dots need less (tests/test_gpu_compile.py checks the bound
-    against the compiled kernels for sm_90). Without outputs (the split's pass 1) `a` is never loaded."""
-    return num_stages * CHUNK_SIZE * (2 * block_a + block_c) * itemsize
+    """An upper bound of the sweep's shared memory: `num_stages` buffers of one chunk's a, b and c tiles, plus,
+    without a pipeline to reuse, one more a-wide tile for the tensor-core operand staging (TF32 at d = 256:
+    212992 bytes with 1 stage). Exact for TF32 and bf16 dots; IEEE fp32 dots and the split's pass 1 (which never
+    loads `a`) need less. tests/test_gpu_compile.py checks it against the kernels compiled for sm_90."""
+    staging = CHUNK_SIZE * block_a * itemsize if num_stages == 1 else 0
+    return num_stages * CHUNK_SIZE * (2 * block_a + block_c) * itemsize + staging
 
 
 @functools.lru_cache(maxsize=None)  # triton's next_power_of_2 costs microseconds on the host, per call
@@ -247,7 +251,7 @@ def _launch_config(dim_a: int, dim_c: int, dtype: torch.dtype, device: torch.dev
     block_a = max(16, triton.next_power_of_2(dim_a))
     block_c = max(16, min(64, triton.next_power_of_2(dim_c)))
     num_warps, num_stages = (4, 2) if block_a <= 128 else (8, 3)
-    itemsize, limit = (4 if _upcast(dtype) else dtype.itemsize), _shared_memory_limit(device)
+    itemsize, limit = _tile_itemsize(dtype), _shared_memory_limit(device)
     while num_stages > 1 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
         num_stages -= 1
     while block_c > 16 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
@@ -420,6 +424,11 @@ def _upcast(dtype: torch.dtype) -> bool:
     and for fp16, whose range the scores and the state outgrow (no softmax denominator: on long inputs the state
     and the output reach 1e5 and more, past fp16's 65504); bf16 has fp32's range and keeps 16-bit dots."""
     return _INTERPRET or dtype == torch.float16
+
+
+def _tile_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of the tiles the dots read: fp32 when the kernel upcasts, else the input's."""
+    return 4 if _upcast(dtype) else dtype.itemsize
 
 
 def _input_precision(dtype: torch.dtype, fp32_precision: str) -> str | None:

@@ -61,9 +61,12 @@ def test_every_kernel_compiles_for_the_gpu(capability):
             assert (dtype, precision, mode) in modes, (dtype, precision, mode)
     assert {tuple(x["head_dims"]) for x in launches} >= set(HEAD_DIMS)
     # fp32 dots follow torch: TF32 tensor-core products (mma/wgmma ...tf32) only under "high"/"medium".
+    # fp16 is computed in fp32 with TF32 products (fp16's mantissa, fp32's range); bf16 keeps bf16 dots.
     for launch in launches:
         if launch["dtype"] == "float32":
             assert launch["tf32_in_ptx"] == (launch["precision"] == "tf32"), launch
+        else:
+            assert launch["tf32_in_ptx"] == (launch["dtype"] == "float16"), launch
 
 
 # ---- the worker: compile-only launches on CPU tensors -------------------------------------------------------------
@@ -82,7 +85,7 @@ def _install_compile_only_driver(capability: int) -> tuple[dict[str, set], list[
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from transnormer_hf.kernels.triton_lightning_attn import _shared_memory_estimate
+    from transnormer_hf.kernels.triton_lightning_attn import _shared_memory_estimate, _tile_itemsize
 
     class CompileOnlyDriver:
         def get_current_device(self):
@@ -121,7 +124,7 @@ def _install_compile_only_driver(capability: int) -> tuple[dict[str, set], list[
                 "kernel": name, "dtype": dtype, "precision": precision, "mode": context["mode"],
                 "head_dims": context["head_dims"], "block_a": block_a, "block_c": block_c, "num_warps": num_warps,
                 "num_stages": num_stages, "store_out": store_out, **resources[resource],
-                "estimate": _shared_memory_estimate(block_a, block_c, num_stages, getattr(torch, dtype).itemsize),
+                "estimate": _shared_memory_estimate(block_a, block_c, num_stages, _tile_itemsize(getattr(torch, dtype))),
             })
 
     def every_config(self, *args, **kwargs):  # autotuned kernels: compile each config instead of timing them

@@ -228,3 +228,90 @@ def test_split_policy_on_gpu_sized_problems():
     # slower split on an H100), although their grids (128 programs) are small.
     assert triton_module._segment_length(2 * 8192, 8192, 64, target) is None
     assert triton_module._segment_length(8 * 2048, 2048, 16, target) is None
+
+
+# ---- numerics: fp32 follows torch's matmul precision, fp16 keeps fp32's range ----
+
+
+@pytest.fixture
+def dot_precisions(monkeypatch):
+    """Records the (dtype, INPUT_PRECISION) of every attention kernel launch (forward and backward kernels)."""
+    launched = []
+    for name in ("_lightning_attn_sweep_kernel", "_lightning_attn_bwd_kernel"):
+        kernel = getattr(triton_module, name)
+
+        def recording_run(*args, run=kernel.run, **kwargs):  # `kernel[grid](...)` launches through run()
+            launched.append((args[0].dtype, kwargs["INPUT_PRECISION"]))
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", recording_run)
+    yield launched
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # the default's behaviour, whatever a test set
+
+
+@pytest.mark.parametrize("setting, expected", [
+    (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+    (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+    (lambda: torch.set_float32_matmul_precision("medium"), "tf32"),
+    (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), "tf32"),
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),
+], ids=["highest", "high", "medium", "allow_tf32", "fp32_precision"])
+def test_fp32_dots_follow_torchs_matmul_precision(dot_precisions, setting, expected):
+    setting()
+    (q, k, v, h0), rates = _inputs(1, 40, 2, 16, 16, torch.float32)
+    o, ht = lightning_attn(q, k, v, rates, initial_state=h0, output_final_state=True, backend="triton")
+    (o.sum() + ht.sum()).backward()
+    assert len(dot_precisions) >= 2 and {p for _, p in dot_precisions} == {expected}, dot_precisions
+
+
+def test_16_bit_dot_precision_and_compiled_graph_recompiles_on_a_change(dot_precisions):
+    # bf16 keeps Triton's default (its compiled kernels unchanged); fp16 is computed in fp32 with TF32 products.
+    for dtype, expected in ((torch.bfloat16, None), (torch.float16, "tf32")):
+        dot_precisions.clear()
+        (q, k, v, _), rates = _inputs(1, 40, 2, 16, 16, dtype)
+        lightning_attn(q, k, v, rates, backend="triton")[0].float().sum().backward()
+        assert {p for _, p in dot_precisions} == {expected}, (dtype, dot_precisions)
+    # A compiled graph passes the precision read when it was traced, and a change of torch's setting recompiles.
+    (q, k, v, _), rates = _inputs(1, 40, 2, 16, 16, torch.float32)
+    compiled = torch.compile(lambda q, k, v: lightning_attn(q, k, v, rates, backend="triton")[0] * 2,
+                             fullgraph=True, backend="aot_eager")
+    for precision, expected in (("highest", "ieee"), ("high", "tf32"), ("highest", "ieee")):
+        torch.set_float32_matmul_precision(precision)
+        dot_precisions.clear()
+        compiled(q, k, v)
+        assert {p for _, p in dot_precisions} == {expected}, (precision, dot_precisions)
+
+
+def test_fp32_within_1e_6_of_float64():
+    # The interpreter's dots are IEEE fp32, as the kernels' default on the GPU (torch's "highest").
+    inputs, rates = _inputs(2, 150, 3, 32, 16, torch.float32)
+    do = torch.randn(2, 150, 3, 16, dtype=torch.float64)
+    dht = torch.randn(2, 3, 32, 16, dtype=torch.float64)
+    got = _run(lightning_attn, inputs, rates, do, dht, backend="triton")
+    truth = _run(lightning_attn_parallel_ref, [x.detach().double().requires_grad_() for x in inputs], rates, do, dht)
+    _check(NAMES, got, truth, 1e-6)
+
+
+def test_heads_too_wide_for_shared_memory_are_a_clear_error_before_launch():
+    (q, k, v, _), rates = _inputs(1, 8, 1, 512, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"d_k/d_v = 512/64 in torch.float32 .* shared memory"):
+        lightning_attn(q, k, v, rates, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_output_in_fp32_stays_finite_past_fp16_range(backend):
+    # Near-1 decay (TNL's last layers) and large activations: o reaches ~3e5, past fp16's 65504.
+    torch.manual_seed(0)
+    q, k = (torch.nn.functional.silu(4 * torch.randn(1, 300, 2, 32)) for _ in range(2))
+    v = 4 + 4 * torch.randn(1, 300, 2, 32)  # correlated values, as trained models have: o grows with position
+    rates = torch.tensor([1e-5, 1e-4])
+    truth, _ = lightning_attn_parallel_ref(q.double(), k.double(), v.double(), rates)
+    assert truth.abs().max() > 1e5
+    inputs = [x.half().requires_grad_() for x in (q, k, v)]
+    o, _ = lightning_attn(*inputs, rates, output_dtype=torch.float32, backend=backend)
+    assert o.dtype == torch.float32 and torch.isfinite(o).all()
+    # fp16 inputs round q, k, v to 11 bits: the error of fp32 arithmetic on the rounded inputs is the bar
+    baseline, _ = lightning_attn_parallel_ref(*(x.detach().double() for x in inputs), rates)
+    assert rel_err(o, baseline) <= 1e-5 and rel_err(o, truth) <= 2e-3
+    grads = torch.autograd.grad((o / truth.abs().max()).square().sum(), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)

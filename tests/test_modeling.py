@@ -1,5 +1,6 @@
 """The model against the official code's outputs (tnl_tiny_a fixture) and the standard transformers surface."""
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from checks import rel_err
 from conftest import tiny_config
 from transnormer_hf import TransNormerLLMCache, TransNormerLLMConfig, TransNormerLLMForCausalLM, TransNormerLLMModel
+from transnormer_hf.modeling_transnormer import TransNormerLLMAttention
 
 PARITY = 1e-5  # the issue's bar: every reference tensor within 1e-5 relative in fp32
 
@@ -187,6 +189,30 @@ def test_half_precision_tracks_fp32(official, reference, dtype, tolerance):
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     assert all(cache[layer].dtype == torch.float32 for layer in range(4)), "states stay fp32 in any dtype"
     assert rel_err(out.logits, reference["long.logits"]) < tolerance
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_attention_stays_finite_where_its_output_outgrows_fp16(backend):
+    # Issue 21 item 1: the attention output has no softmax denominator, so in a last layer (lambda ~ 1) it grows
+    # with position; here it reaches ~2e5 within 256 tokens (large random weights, as a trained model's last
+    # layers at 2K tokens), past fp16's 65504. It used to be cast to fp16 before the norm: inf, then NaN.
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, lrpe_layers=[0, 1],
+                         intermediate_size=64, attention_backend=backend)
+    layer = TransNormerLLMAttention(config, layer_idx=1)
+    for parameter in layer.parameters():  # fp16-representable weights and inputs: fp16 rounds only activations
+        torch.nn.init.normal_(parameter, std=1.0)
+    layer = layer.half().float()
+    x, positions = torch.randn(1, 257, 64).half().float(), torch.arange(257)
+    with torch.no_grad():
+        reference, _ = layer(x, None, positions, None, None, False)  # fp32, all 257 tokens in one prefill
+        half = copy.deepcopy(layer).half()
+        out, state = half(x[:, :256].half(), None, positions[:256], None, None, True)
+        step, _ = half(x[:, 256:].half(), state, positions[256:], None, None, True)  # one-token decode step
+    for name, got, ref in (("prefill", out, reference[:, :256]), ("decode step", step, reference[:, 256:])):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all(), f"{name}: non-finite fp16 outputs"
+        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 2e-3, f"{name}: max error {err:.2e} of the largest fp32 output"  # fp16's epsilon is 4.9e-4
 
 
 def test_inputs_embeds_and_return_dict(tiny_model):

@@ -42,3 +42,31 @@ def test_fullgraph_compile_with_position_ids_equals_eager(case, backend):
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
     for name, grad in _grads(model).items():
         assert rel_err(compiled_grads[name], grad) < 1e-5, name
+
+
+def _graphs_for_lengths(model, lengths):
+    """How many graphs torch.compile builds for training steps on inputs of these lengths."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
+    for length in lengths:
+        ids = torch.randint(3, 48, (2, length))
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    return len(graphs)
+
+
+def test_cpu_path_compiles_once_for_all_lengths_as_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lengths = [10, 37, 64, 70, 130, 200]  # one block, whole blocks and ragged ones
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=48)).train()
+    llama_graphs = _graphs_for_lengths(llama, lengths)
+    graphs = _graphs_for_lengths(TransNormerLLMForCausalLM(tiny_config()).train(), lengths)
+    assert llama_graphs == 2  # one for the first length, one with a dynamic length for all others
+    assert graphs <= llama_graphs, f"{graphs} graphs for {len(lengths)} lengths (Llama: {llama_graphs})"

@@ -70,3 +70,17 @@ def test_cpu_path_compiles_once_for_all_lengths_as_llama():
     graphs = _graphs_for_lengths(TransNormerLLMForCausalLM(tiny_config()).train(), lengths)
     assert llama_graphs == 2  # one for the first length, one with a dynamic length for all others
     assert graphs <= llama_graphs, f"{graphs} graphs for {len(lengths)} lengths (Llama: {llama_graphs})"
+
+
+def test_compiled_forward_takes_padding_and_names_the_masks_it_cannot():
+    torch._dynamo.reset()
+    model = TransNormerLLMForCausalLM(tiny_config()).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(3, 48, (2, 6))
+    right_padded = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=right_padded, use_cache=False).logits
+        expected = model(input_ids=ids, attention_mask=right_padded, use_cache=False).logits
+        assert rel_err(out, expected) < 1e-6
+        with pytest.raises(RuntimeError, match="cannot run in a compiled forward: without a cache, the real tokens"):
+            compiled(input_ids=ids, attention_mask=torch.tensor([[1] * 6, [1, 0, 0, 1, 1, 1]]), use_cache=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -217,6 +218,90 @@ def lightning_attn_step_fused_ref(
     )
     return out, new_state
 
+def _block_states(contributions: Tensor, block_rates: Tensor, state_sequence: Tensor | None) -> Tensor:
+    """S_b = sum_{c<b} lambda_block^(b-1-c) U_c for b = 0..blocks, one (blocks + 1) x blocks product per head:
+    (B, H, blocks, X) -> (B, H, blocks + 1, X). block_rates (H,) is rate * block_size (exponents >= 0). With
+    `state_sequence` (blocks + 1,), the packed sequence S_b belongs to, U_c counts only where block c ends in it."""
+    blocks = contributions.shape[2]
+    block = torch.arange(blocks + 1, device=contributions.device, dtype=contributions.dtype)
+    distance = block[:, None] - 1 - block[None, :-1]  # b - 1 - c
+    weights = torch.where(distance >= 0, torch.exp(-block_rates.view(-1, 1, 1) * distance.clamp(min=0)), 0.0)
+    if state_sequence is not None:
+        weights = weights * (state_sequence[None, 1:] == state_sequence[:, None])
+    return weights @ contributions
+
+
+def _lightning_attn_all_blocks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay_rates: Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
+    block_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """`lightning_attn_chunk_ref` with all blocks at once, what it runs under torch.compile: no Python loop whose
+    length depends on N, so one graph serves every length. Memory O(N * block). With S_b the state of the tokens
+    before block b:
+
+    S_b = sum_{c<b} lambda^(m(b-1-c)) U_c,   U_c = sum_j lambda^(m-1-j) k_j^T v_j  (block c's own contribution)
+
+    The (blocks x blocks) weights cost O(N^2 / m^2 * d_k * d_v), as much as the rest at N ~ 2 m^2 = 8K tokens and
+    growing beyond (the eager loop stays linear). The input is padded at the front to whole blocks, plus one (zero tokens add nothing;
+    two blocks at least, so that torch.compile never specialises on a single one), and the initial state's share
+    lambda^(t+1) q_t S_0 is added per token. The states S_b come from `_block_states`.
+
+    Packed sequences without states (packed training) are masked by sequence index instead of looped over, so the
+    boundaries are never read on the host: a pair (i, j) counts only inside one sequence, U_c holds only the
+    tokens of the sequence that block c ends in, U_c reaches block b only if block b - 1 ends in that sequence too,
+    and S_b reaches only the queries of that sequence. Packed sequences with states take the eager loop.
+    """
+    dtype = _state_dtype(q)
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    blocks = -(-length // block_size) + 1
+    pad = blocks * block_size - length
+    qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # (B, H, N, D)
+    # (B, H, blocks, m, D), zero tokens in front
+    qb, kb, vb = (F.pad(x, (0, 0, pad, 0)).view(batch, heads, blocks, block_size, -1) for x in (qh, kh, vh))
+    rates = decay_rates.to(dtype).view(-1, 1, 1)  # (H, 1, 1)
+    index = torch.arange(block_size, device=q.device, dtype=dtype)
+    distance = index[:, None] - index[None, :]
+    intra_decay = torch.where(distance >= 0, torch.exp(-rates * distance.clamp(min=0)), 0.0)  # (H, m, m)
+    query_decay = torch.exp(-rates * (index + 1).view(-1, 1))  # lambda^(i+1), (H, m, 1)
+    key_decay = torch.exp(-rates * (block_size - 1 - index).view(-1, 1))  # lambda^(m-1-j), (H, m, 1)
+    intra_decay, query_decay, key_decay = intra_decay[:, None], query_decay[:, None], key_decay[:, None]
+    state_sequence = None
+    if cu_seqlens is not None:  # the packed sequence each token belongs to, found on the device
+        sequence_of = torch.searchsorted(cu_seqlens[1:].to(q.device), torch.arange(length, device=q.device), right=True)
+        sequence_of = F.pad(sequence_of, (pad, 0)).view(blocks, block_size)  # front padding joins sequence 0
+        block_end = sequence_of[:, -1]  # (blocks,): the sequence each block ends in
+        state_sequence = F.pad(block_end, (1, 0))  # (blocks + 1,): the sequence S_b belongs to
+        intra_decay = intra_decay * (sequence_of[:, :, None] == sequence_of[:, None, :])  # (H, blocks, m, m)
+        query_decay = query_decay * (sequence_of == state_sequence[:-1, None])[..., None]  # (H, blocks, m, 1)
+        key_decay = key_decay * (sequence_of == block_end[:, None])[..., None]
+    intra = (qb @ kb.transpose(-1, -2) * intra_decay) @ vb  # (B, H, blocks, m, d_v)
+    contributions = (kb * key_decay).transpose(-1, -2) @ vb  # U_c, (B, H, blocks, d_k, d_v)
+    states = _block_states(contributions.flatten(-2), decay_rates.to(dtype) * block_size, state_sequence)
+    states = states.view(batch, heads, blocks + 1, key_dim, value_dim)  # S_b, b = 0..blocks
+    out = intra + (qb * query_decay) @ states[:, :, :-1]
+    # (B, H, N, d_v) without the front padding; a copy, not a view, so no stride depends on the padding (a slice's
+    # would make torch.compile guard on N % block_size)
+    out = out.flatten(2, 3).index_select(2, torch.arange(pad, pad + length, device=q.device))
+    state = states[:, :, -1]
+    if initial_state is not None:
+        start = initial_state.to(dtype)
+        position = torch.arange(length, device=q.device, dtype=dtype)
+        out = out + (qh * torch.exp(-rates * (position + 1).view(-1, 1))) @ start
+        state = state + torch.exp(-rates * length) * start
+    out = (scale * out).transpose(1, 2).to(output_dtype or v.dtype)  # (B, N, H, d_v)
+    return out, (state if output_final_state else None)
+
+
 def lightning_attn_chunk_ref(
     q: Tensor,
     k: Tensor,
@@ -240,7 +325,13 @@ def lightning_attn_chunk_ref(
     (i, j) counts only inside one sequence, S reaches only queries of the sequence it belongs to, and a
     block that starts a new sequence drops the old S.
     """
-    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+    packed_with_states = cu_seqlens is not None and (initial_state is not None or output_final_state)
+    if torch.compiler.is_compiling() and not packed_with_states:
+        # The block loop below would unroll into a new graph for every length: compiled, all blocks run at once.
+        return _lightning_attn_all_blocks(q, k, v, decay_rates, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                          output_dtype=output_dtype, block_size=block_size)
+    if packed_with_states:
         return _per_sequence(
             lambda *a, **kw: lightning_attn_chunk_ref(*a, block_size=block_size, **kw),
             q, k, v, decay_rates, scale, initial_state, output_final_state, cu_seqlens, output_dtype,

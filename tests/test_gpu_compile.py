@@ -44,9 +44,11 @@ def test_every_kernel_compiles_for_the_gpu(capability):
     compiled = report["variants"]
     # kernel name -> distinct (constexprs, options) variants compiled to a cubin
     assert set(compiled) == {"_lightning_attn_sweep_kernel", "_lightning_attn_bwd_kernel",
-                             "_lightning_attn_step_kernel", "_srms_norm_fwd_kernel", "_srms_norm_bwd_kernel",
-                             "_cross_entropy_rows_kernel"}, compiled
+                             "_lightning_attn_step_kernel", "_lightning_attn_step_fused_kernel",
+                             "_srms_norm_fwd_kernel", "_srms_norm_bwd_kernel", "_cross_entropy_rows_kernel"}, compiled
     assert compiled["_lightning_attn_step_kernel"] >= 4, "not every autotune config of the decode kernel compiled"
+    # 4 autotune configs x (LRPE with d_k = 2 d_v and silu; d_k = d_v and sigmoid), bf16 and fp32 inputs
+    assert compiled["_lightning_attn_step_fused_kernel"] >= 8, compiled
     assert compiled["_lightning_attn_sweep_kernel"] >= 10 and compiled["_lightning_attn_bwd_kernel"] >= 4, compiled
     if capability != 90:
         return
@@ -199,6 +201,11 @@ def _compile_everything(capability: int) -> dict:
         q, k = torch.randn(2, 1, 4, 128, dtype=dtype), torch.randn(2, 1, 4, 128, dtype=dtype)
         triton_decode._lightning_attn_step(q, k, torch.randn(2, 1, 4, 64, dtype=dtype), torch.rand(4),
                                            torch.randn(2, 4, 128, 64), 1.0)
+        for lrpe, activation in ((True, "silu"), (False, "sigmoid")):  # H = 3, d_k = 2 d_v with LRPE; d_k = d_v
+            q, k, v = (torch.randn(2, 1, 3, 64, dtype=dtype) for _ in range(3))
+            theta, position = (torch.rand(3, 1, 64), torch.tensor([5])) if lrpe else (None, None)
+            triton_decode._lightning_attn_step_fused(q, k, v, torch.rand(3), torch.randn(2, 3, 128 if lrpe else 64, 64),
+                                                     theta, position, activation, 1.0)
         x, gate = torch.randn(6, 2048, dtype=dtype), torch.randn(6, 2048, dtype=dtype)
         for with_gate in (None, gate):
             y, rstd = triton_srms_norm._srms_norm_fwd(x, with_gate, 1e-6)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from checks import assert_close_to_ref
+from transnormer_hf.kernels.reference import _lightning_attn_all_blocks
 from transnormer_hf.kernels import (
     lightning_attn,
     lightning_attn_chunk_ref,
@@ -62,7 +63,8 @@ def test_chunk_and_recurrent_match_float64(length, key_dim, value_dim, with_stat
     q, k = q * 0.3, k * 0.3
     truth, truth_final = lightning_attn_parallel_ref(*_float64(q, k, v), rates, initial_state=_float64(state)[0],
                                                      output_final_state=True)
-    for form in (lightning_attn_chunk_ref, lightning_attn_recurrent_ref):
+    # _lightning_attn_all_blocks is the chunked form as torch.compile runs it
+    for form in (lightning_attn_chunk_ref, _lightning_attn_all_blocks, lightning_attn_recurrent_ref):
         out, final = form(q, k, v, rates, initial_state=state, output_final_state=True)
         assert out.dtype == torch.float32 and final.dtype == torch.float32
         assert_close_to_ref(f"{form.__name__} o", out, truth)
@@ -163,14 +165,15 @@ def test_srms_norm_matches_float64():
     assert srms_norm(x.bfloat16(), 1e-6).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("form", [lightning_attn_chunk_ref, _lightning_attn_all_blocks], ids=["loop", "compiled"])
 @pytest.mark.parametrize("lengths", [[5, 70, 1, 33, 130], [64, 64], [200]])
-def test_packed_sequences_without_states_are_masked_not_looped(lengths):
+def test_packed_sequences_without_states_are_masked_not_looped(lengths, form):
     """Packed training takes the masked block form (no host reads); it must equal each document alone."""
     docs = [_inputs(1, n, 2, 16, 8) for n in lengths]
     q, k, v = (torch.cat([d[i] for d in docs], dim=1) for i in range(3))
     rates = docs[0][3]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    out, final = lightning_attn_chunk_ref(q, k, v, rates, cu_seqlens=cu_seqlens)
+    out, final = form(q, k, v, rates, cu_seqlens=cu_seqlens)
     assert final is None
     start = 0
     for index, (dq, dk, dv, _, _) in enumerate(docs):

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from checks import rel_err
 from conftest import tiny_config
 
 from transnormer_hf import TransNormerLLMCache, TransNormerLLMForCausalLM
@@ -383,8 +384,9 @@ def test_compiled_training_step_equals_eager_without_graph_breaks():
     eager = model(input_ids=ids, labels=ids).loss
     eager.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
+    # Compiled, the CPU token mixer runs all blocks at once rather than its eager loop: fp32 rounding differs (~1e-6).
     for name, grad in _grads(model).items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert rel_err(compiled_grads[name], grad) < 1e-5, name
 
 
 def test_compiled_decode_step_equals_eager_without_graph_breaks():
@@ -506,3 +508,32 @@ def test_packing_restarts_positions_and_masks_document_starts():
         {"input_ids": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1], "labels": [-100, 6, 7, -100, 9]},
         {"input_ids": [10, 11, 12, 13], "position_ids": [0, 1, 2, 3], "labels": [-100, 11, 12, 13]},
     ]
+
+
+# ---- label smoothing ------------------------------------------------------------------------------------------------
+
+def _smoothed_trainer_loss(model, tmp_path):
+    """Trainer's loss with label smoothing, and the label smoother on the model's logits with shifted labels."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    ids = torch.randint(3, 48, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels.clone()})
+    with torch.no_grad():
+        expected = LabelSmoother(epsilon=0.1)(model(input_ids=ids, use_cache=False), labels, shift_labels=True)
+    return loss.item(), expected.item()
+
+
+def test_label_smoothing_shifts_the_labels_as_for_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=48))
+    llama_loss, llama_expected = _smoothed_trainer_loss(llama, tmp_path / "llama")
+    loss, expected = _smoothed_trainer_loss(TransNormerLLMForCausalLM(tiny_config()), tmp_path / "tnl")
+    assert llama_loss == pytest.approx(llama_expected, rel=1e-6)  # Llama's path: the shifted, smoothed loss
+    assert loss == pytest.approx(expected, rel=1e-6), f"TNL {loss:.4f} against the shifted {expected:.4f}"

@@ -11,6 +11,7 @@ import logging
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import PRESETS, TransNormerLLMConfig
@@ -46,6 +47,9 @@ def _register_auto_classes() -> bool:
     AutoConfig.register(model_type, TransNormerLLMConfig, exist_ok=True)
     AutoModel.register(TransNormerLLMConfig, TransNormerLLMModel, exist_ok=True)
     AutoModelForCausalLM.register(TransNormerLLMConfig, TransNormerLLMForCausalLM, exist_ok=True)
+    # Trainer (5.x) shifts the labels for label smoothing only for class names in this public table of causal LMs,
+    # which register() leaves alone; without it, label_smoothing_factor > 0 trained on unshifted labels.
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(model_type, TransNormerLLMForCausalLM.__name__)
     return True
 
 

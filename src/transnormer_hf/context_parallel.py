@@ -35,11 +35,10 @@ SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "attenti
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The TransNormerLLMModel inside a causal LM, a PEFT or DDP wrapper."""
-    from .modeling_transnormer import TransNormerLLMModel
-
+    """The TransNormerLLMModel inside a causal LM, a PEFT or DDP wrapper: the module with a context-parallel group
+    slot (found by that attribute, so this module, which the model imports, never imports the model back)."""
     for module in model.modules():
-        if isinstance(module, TransNormerLLMModel):
+        if hasattr(module, "context_parallel_group"):
             return module
     raise TypeError(f"context parallelism needs a TransNormerLLM model; {type(model).__name__} holds none")
 

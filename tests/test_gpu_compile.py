@@ -58,12 +58,13 @@ def test_every_kernel_compiles_for_the_gpu(capability):
     too_big = [x for x in launches if x["shared"] > min(HOPPER_SHARED_MEMORY, x["estimate"])]
     assert not too_big, too_big
     modes = {(x["dtype"], x["precision"], x["mode"]) for x in launches}
-    for dtype, precision in (("float32", "ieee"), ("float32", "tf32"), ("bfloat16", None), ("float16", None)):
+    for dtype, precision in (("float32", "ieee"), ("float32", "tf32"), ("bfloat16", None), ("float16", "tf32x3")):
         for mode in ("fwd", "bwd", "split", "varlen"):
             assert (dtype, precision, mode) in modes, (dtype, precision, mode)
     assert {tuple(x["head_dims"]) for x in launches} >= set(HEAD_DIMS)
     # fp32 dots follow torch: TF32 tensor-core products (mma/wgmma ...tf32) only under "high"/"medium".
-    # fp16 is computed in fp32 with TF32 products (fp16's mantissa, fp32's range); bf16 keeps bf16 dots.
+    # fp16 is computed in fp32 with three TF32 products per product (tf32x3: fp32's range and accuracy); bf16 keeps
+    # bf16 dots.
     for launch in launches:
         if launch["dtype"] == "float32":
             assert launch["tf32_in_ptx"] == (launch["precision"] == "tf32"), launch

@@ -56,7 +56,7 @@ def test_every_kernel_compiles_for_the_gpu(capability):
     too_big = [x for x in launches if x["shared"] > min(HOPPER_SHARED_MEMORY, x["estimate"])]
     assert not too_big, too_big
     modes = {(x["dtype"], x["precision"], x["mode"]) for x in launches}
-    for dtype, precision in (("float32", "ieee"), ("float32", "tf32"), ("bfloat16", None), ("float16", None)):
+    for dtype, precision in (("float32", "ieee"), ("float32", "tf32"), ("bfloat16", None), ("float16", "tf32")):
         for mode in ("fwd", "bwd", "split", "varlen"):
             assert (dtype, precision, mode) in modes, (dtype, precision, mode)
     assert {tuple(x["head_dims"]) for x in launches} >= set(HEAD_DIMS)

@@ -141,7 +141,8 @@ def _lightning_attn_sweep_kernel(
             out_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, out_exp, 0).to(tl.float32)), 0.0)
             b_scores = tl.dot(b_a, tl.trans(b_b), input_precision=INPUT_PRECISION) * intra_decay  # (CHUNK, CHUNK) fp32
             b_out = tl.dot(b_scores.to(b_c.dtype), b_c, input_precision=INPUT_PRECISION)
-            b_out += tl.dot(b_a, b_state.to(b_a.dtype), input_precision=INPUT_PRECISION) * (out_decay * inter_scale)[:, None]
+            b_inter = tl.dot(b_a, b_state.to(b_a.dtype), input_precision=INPUT_PRECISION)
+            b_out += b_inter * (out_decay * inter_scale)[:, None]
             tl.store(p_o0 + rows * stride_o_t, b_out.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
         update_decay = tl.where(m_r, tl.exp2(log2_decay * tl.where(m_r, update_exp, 0).to(tl.float32)), 0.0)

@@ -127,7 +127,8 @@ def _install_compile_only_driver(capability: int) -> tuple[dict[str, set], list[
                 "kernel": name, "dtype": dtype, "precision": precision, "mode": context["mode"],
                 "head_dims": context["head_dims"], "block_a": block_a, "block_c": block_c, "num_warps": num_warps,
                 "num_stages": num_stages, "store_out": store_out, **resources[resource],
-                "estimate": _shared_memory_estimate(block_a, block_c, num_stages, _tile_itemsize(getattr(torch, dtype))),
+                "estimate": _shared_memory_estimate(block_a, block_c, num_stages,
+                                                    _tile_itemsize(getattr(torch, dtype))),
             })
 
     def every_config(self, *args, **kwargs):  # autotuned kernels: compile each config instead of timing them

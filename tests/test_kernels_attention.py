@@ -265,8 +265,8 @@ def test_fp32_dots_follow_torchs_matmul_precision(dot_precisions, setting, expec
 
 
 def test_16_bit_dot_precision_and_compiled_graph_recompiles_on_a_change(dot_precisions):
-    # bf16 keeps Triton's default (its compiled kernels unchanged); fp16 is computed in fp32 with TF32 products.
-    for dtype, expected in ((torch.bfloat16, None), (torch.float16, "tf32")):
+    # bf16 keeps Triton's default (its compiled kernels unchanged); fp16 is computed in fp32 with tf32x3 products.
+    for dtype, expected in ((torch.bfloat16, None), (torch.float16, "tf32x3")):
         dot_precisions.clear()
         (q, k, v, _), rates = _inputs(1, 40, 2, 16, 16, dtype)
         lightning_attn(q, k, v, rates, backend="triton")[0].float().sum().backward()

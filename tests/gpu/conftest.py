@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gpu_suite import DEVICE, DRY
+from .gpu_suite import DEVICE, DRY
 
 HERE = Path(__file__).resolve().parent
 

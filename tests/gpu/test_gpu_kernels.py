@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 from checks import assert_close_to_ref
-from gpu_suite import DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, representable
+from .gpu_suite import DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, representable
 
 from transnormer_hf.configuration_transnormer import PRESETS as PRESET_FIELDS
 from transnormer_hf.kernels import (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import assert_close_to_ref
-from gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name
+from .gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.modeling_transnormer import CACHE_FIELD

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import rel_err
-from gpu_suite import DEVICE, DRY
+from .gpu_suite import DEVICE, DRY
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.cli import main

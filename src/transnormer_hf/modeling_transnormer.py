@@ -197,7 +197,9 @@ class TransNormerLLMAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         q, k, v, u = self.qkvu_proj(hidden_states).chunk(4, dim=-1)
         q, k, v = (x.view(batch, length, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, N, H, D)
-        if state is not None and length == 1 and cu_seqlens is None and padding_mask is None and self._fused_step(q):
+        one_position = positions.numel() == 1  # rows of a gathered-mask cache keep their own positions
+        if (state is not None and length == 1 and cu_seqlens is None and padding_mask is None and one_position
+                and self._fused_step(q)):
             # One kernel for phi(q), phi(k), LRPE and the step: ~20 small kernels fewer per layer and token.
             lrpe = self.lrpe is not None
             step_v = v.float() if v.dtype == torch.float16 else v  # fp16: an fp32 output, see below

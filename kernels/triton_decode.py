@@ -23,14 +23,17 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
+# Value-slice widths and warps tried by both decode kernels (one program per (batch, head, value slice)).
+_STEP_CONFIGS = [
+    triton.Config({"BLOCK_V": 32}, num_warps=2),
+    triton.Config({"BLOCK_V": 32}, num_warps=4),
+    triton.Config({"BLOCK_V": 64}, num_warps=4),
+    triton.Config({"BLOCK_V": 16}, num_warps=2),
+]
+
 
 @triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_V": 32}, num_warps=2),
-        triton.Config({"BLOCK_V": 32}, num_warps=4),
-        triton.Config({"BLOCK_V": 64}, num_warps=4),
-        triton.Config({"BLOCK_V": 16}, num_warps=2),
-    ],
+    configs=_STEP_CONFIGS,
     key=["KEY_DIM", "VALUE_DIM", "batch_heads"],
 )
 @triton.jit
@@ -83,12 +86,7 @@ def _step_activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_V": 32}, num_warps=2),
-        triton.Config({"BLOCK_V": 32}, num_warps=4),
-        triton.Config({"BLOCK_V": 64}, num_warps=4),
-        triton.Config({"BLOCK_V": 16}, num_warps=2),
-    ],
+    configs=_STEP_CONFIGS,
     key=["KEY_DIM", "VALUE_DIM", "batch_heads"],
     restore_value=["NEW_STATE"],  # NEW_STATE may be STATE (in place): timing a config must not advance it
 )

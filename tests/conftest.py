@@ -44,6 +44,17 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = (Path(os.environ["TNL_SHARED"]) / "fixtures" if "TNL_SHARED" in os.environ else REPO / "tests" / "fixtures") / "tnl_tiny_a"
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches and counters empty before and after the test (graph counts are then the test's own)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

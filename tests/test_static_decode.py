@@ -16,12 +16,7 @@ from transnormer_hf.modeling_transnormer import CACHE_FIELD
 NEW_TOKENS = 6
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _compile_config() -> CompileConfig:

@@ -1,23 +1,50 @@
 """The GPU suite: `pytest -m gpu tests/gpu` on one CUDA GPU. Every test here is marked `gpu` and skipped without CUDA.
 
 tests/conftest.py sets TRITON_INTERPRET=0 (the kernels compile) when this folder is all a session collects, on a
-machine with an NVIDIA driver; in any other session on a GPU these tests skip, since the kernels are interpreted. The header names the date, GPU, driver and versions, so a saved log says what it ran on.
+machine with an NVIDIA driver; in any other session on a GPU these tests skip, since the kernels are interpreted. The
+header names the date, GPU, driver and versions, so a saved log says what it ran on.
+
+The suite's time goes to compiling kernels (fp32's IEEE products are unrolled into FMAs: about a minute per kernel
+variant on the H200's host), not to the GPU, so on CUDA it runs in TNL_GPU_SUITE_WORKERS worker processes (6 unless
+set; 0 or `-n 0` for one process). Tests that compile the same kernel variants share an `xdist_group`, so each
+variant compiles on one worker while the others compile other ones; tests marked `large_memory` (tens of GiB: float64
+truths at 64K tokens, a float64 TNL-1B) take one of TNL_GPU_SUITE_LARGE_SLOTS slots (2) across the workers, so the
+GPU's memory is never oversubscribed. Each test's outcome line gives its peak GPU memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from .gpu_suite import DEVICE, DRY
+from .gpu_suite import DEVICE, DRY, large_memory_slot
 
 HERE = Path(__file__).resolve().parent
+
+
+WORKERS = int(os.environ.get("TNL_GPU_SUITE_WORKERS", "6"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads its options (called for initial conftests only)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        return
+    # The workers inherit the controller's environment: one folder of slot locks per session.
+    os.environ["TNL_GPU_SUITE_LOCKS"] = tempfile.mkdtemp(prefix="tnl-gpu-suite-")
+    if DEVICE.type != "cuda" or not torch.cuda.is_available() or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.option.numprocesses is None and not config.option.collectonly and WORKERS > 0:
+        config.option.numprocesses = WORKERS
+    if config.option.numprocesses and config.option.dist in ("no", "load"):
+        config.option.dist = "loadgroup"
 
 
 def _in_suite(item: pytest.Item) -> bool:
@@ -63,12 +90,30 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _release_gpu_memory():
-    """Returns cached GPU memory after each test, so that one test's tensors cannot make a later one run out. (Seeds:
-    tests/conftest.py seeds every device before each test; the device is gpu_suite.DEVICE.)"""
-    yield
+def _gpu_memory(request: pytest.FixtureRequest):
+    """A large-memory slot for tests marked `large_memory`; returns cached GPU memory after each test, so that one
+    test's tensors cannot make a later one run out. (Seeds: tests/conftest.py seeds every device before each test;
+    the device is gpu_suite.DEVICE.)"""
+    with large_memory_slot() if request.node.get_closest_marker("large_memory") else contextlib.nullcontext():
+        yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    try:
+        return (yield)
+    finally:
+        if torch.cuda.is_available():  # setup's and call's peak, read into this test's report
+            item.user_properties.append(("peak_gpu_gib", torch.cuda.max_memory_reserved() / 2**30))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -79,7 +124,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     terminal = _config.pluginmanager.get_plugin("terminalreporter") if _config is not None else None
     if terminal is None:
         return
-    terminal.write_line(f"\n{report.outcome.upper()} {report.nodeid} ({report.when}, {report.duration:.1f} s)")
+    peak = dict(report.user_properties).get("peak_gpu_gib")
+    memory = f", peak {peak:.1f} GiB" if peak is not None else ""
+    terminal.write_line(f"\n{report.outcome.upper()} {report.nodeid} ({report.when}, {report.duration:.1f} s{memory})")
     if report.failed:
         terminal.write_line(report.longreprtext[-4000:])
 

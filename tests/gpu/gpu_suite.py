@@ -6,8 +6,14 @@ to check the tests themselves where there is no GPU. Nothing here needs CUDA to 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from transnormer_hf.configuration_transnormer import PRESETS
@@ -43,3 +49,35 @@ def representable(x: torch.Tensor) -> torch.Tensor:
     float64 truth serves the three dtypes."""
     x = x.bfloat16().float()
     return torch.where(x.abs() < 2.0**-14, torch.zeros_like(x), x)
+
+
+def kernel_group(kind: str, dtype: torch.dtype) -> pytest.MarkDecorator:
+    """The xdist group of tests that compile the attention kernels for one head shape (an LRPE layer's or a plain
+    one's) and dtype: they run on one worker, so each variant compiles once (see tests/gpu/conftest.py)."""
+    return pytest.mark.xdist_group(f"attention-{kind}-{dtype_name(dtype)}")
+
+
+LARGE_SLOTS = int(os.environ.get("TNL_GPU_SUITE_LARGE_SLOTS", "2"))
+large_memory = pytest.mark.large_memory  # tens of GiB: at most LARGE_SLOTS such tests at once across the workers
+
+
+@contextlib.contextmanager
+def large_memory_slot():
+    """Holds one of LARGE_SLOTS file locks shared by the session's workers (waits for one to be free)."""
+    folder = Path(os.environ.get("TNL_GPU_SUITE_LOCKS") or tempfile.gettempdir())
+    while True:
+        for slot in range(LARGE_SLOTS):
+            handle = open(folder / f"large-memory-{slot}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # hand the memory back before the next large test may start
+                handle.close()
+            return
+        time.sleep(0.5)

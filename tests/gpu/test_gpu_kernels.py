@@ -13,7 +13,8 @@ import functools
 import pytest
 import torch
 from checks import assert_close_to_ref
-from .gpu_suite import DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, representable
+from .gpu_suite import (DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, kernel_group, large_memory,
+                        representable)
 
 from transnormer_hf.configuration_transnormer import PRESETS as PRESET_FIELDS
 from transnormer_hf.kernels import (
@@ -45,16 +46,17 @@ def _layer(preset: str, kind: str) -> tuple[int, int, int, torch.Tensor]:
 
 
 def _cases():
-    """(preset, kind, length, dtype), dtype innermost so the three dtypes of a shape share one cached truth. The
-    presets share the head dims (128, and 256 on LRPE layers) and differ only in the head count, so the 1B shape runs
-    at every length and the others at 2K and 8K (which keeps the suite inside its time on one GPU)."""
+    """(preset, kind, length, dtype). The presets share the head dims (128, and 256 on LRPE layers) and differ only
+    in the head count, so the 1B shape runs at every length and the others at 2K and 8K (which keeps the suite inside
+    its time on one GPU). Grouped by kind and dtype (one compile of each kernel variant); 64K is large."""
     for length in LENGTHS:
         for preset in PRESETS:
             if preset != "1B" and not DRY and length not in (2048, 8192):
                 continue
             for kind in KINDS:
                 for dtype in DTYPES:
-                    yield pytest.param(preset, kind, length, dtype,
+                    marks = [kernel_group(kind, dtype)] + ([large_memory] if length == LONGEST else [])
+                    yield pytest.param(preset, kind, length, dtype, marks=marks,
                                        id=f"{preset}-{kind}-N{length}-{dtype_name(dtype)}")
 
 
@@ -91,7 +93,7 @@ def _fwd_bwd(fn, inputs: dict, dtype: torch.dtype, **kwargs) -> dict[str, torch.
     return dict(zip(NAMES, (o.detach(), final_state.detach(), *grads)))
 
 
-@functools.lru_cache(maxsize=1)  # the dtypes of one shape run in a row (see _cases); one truth held at a time
+@functools.lru_cache(maxsize=1)  # one truth held at a time
 def _truth(batch: int, lengths: tuple[int, ...] | int, preset: str, kind: str, seed: int) -> tuple[dict, dict]:
     inputs = _inputs(batch, lengths, preset, kind, seed)
     cu_seqlens = _cu_seqlens(lengths)
@@ -156,9 +158,15 @@ VARLEN = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("packing", tuple(VARLEN))
+def _varlen_cases():
+    for packing in VARLEN:
+        for kind in KINDS:
+            for dtype in DTYPES:
+                yield pytest.param(packing, kind, dtype, marks=kernel_group(kind, dtype),
+                                   id=f"{packing}-{kind}-{dtype_name(dtype)}")
+
+
+@pytest.mark.parametrize("packing, kind, dtype", list(_varlen_cases()))
 def test_attention_varlen(packing, kind, dtype, split_runs):
     lengths = VARLEN[packing]
     inputs, truth = _truth(1, lengths, "1B", kind, seed=len(lengths))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import assert_close_to_ref
-from .gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name
+from .gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name, large_memory, large_memory_slot
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.modeling_transnormer import CACHE_FIELD
@@ -137,14 +137,17 @@ GRADS = ("model.embed_tokens.weight", "model.layers.0.token_mixer.qkvu_proj.weig
 
 @pytest.fixture(scope="module")
 def loss_reference(weights):
-    """The float64 torch path's full-logits loss and the GRADS gradients."""
+    """The float64 torch path's full-logits loss and the GRADS gradients (a float64 TNL-1B: a large-memory slot)."""
     ids = torch.randint(3, _config().vocab_size, (1, LOSS_TOKENS), device=DEVICE)
-    loss, grads = _loss_and_grads(_model(weights, "torch", torch.float64), ids)
     names = [name.format(last=_config().num_hidden_layers - 1) for name in GRADS]
-    return ids, loss, {name: grads[name] for name in names}
+    with large_memory_slot():
+        loss, grads = _loss_and_grads(_model(weights, "torch", torch.float64), ids)
+        grads = {name: grads[name] for name in names}
+    return ids, loss, grads
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.xdist_group("model-loss"), large_memory])
+                                   for dtype in DTYPES], ids=dtype_name)
 def test_chunked_loss_and_gradient_checkpointing(weights, loss_reference, dtype):
     """Training forward + backward on Triton with the chunked loss (4 chunks, no full logits), with and without
     gradient checkpointing, against the float64 full-logits loss, with the torch path's full-logits run in the same

@@ -7,9 +7,9 @@ header names the date, GPU, driver and versions, so a saved log says what it ran
 The suite's time goes to compiling kernels (fp32's IEEE products are unrolled into FMAs: about a minute per kernel
 variant on the H200's host), not to the GPU, so on CUDA it runs in TNL_GPU_SUITE_WORKERS worker processes (6 unless
 set; 0 or `-n 0` for one process). Tests that compile the same kernel variants share an `xdist_group`, so each
-variant compiles on one worker while the others compile other ones; tests marked `large_memory` (tens of GiB: float64
-truths at 64K tokens, a float64 TNL-1B) take one of TNL_GPU_SUITE_LARGE_SLOTS slots (2) across the workers, so the
-GPU's memory is never oversubscribed. Each test's outcome line gives its peak GPU memory.
+variant compiles on one worker while the others compile other ones; each test holds its share of a GPU memory budget
+(gpu_suite.gpu_memory_share: its `gpu_memory(gib)` mark, from the peaks measured on the H200) across the workers, so
+the GPU's memory is never oversubscribed. Each test's outcome line gives its peak GPU memory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from .gpu_suite import DEVICE, DRY, large_memory_slot
+from .gpu_suite import DEFAULT_GIB, DEVICE, DRY, gpu_memory_share
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,10 +91,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _gpu_memory(request: pytest.FixtureRequest):
-    """A large-memory slot for tests marked `large_memory`; returns cached GPU memory after each test, so that one
-    test's tensors cannot make a later one run out. (Seeds: tests/conftest.py seeds every device before each test;
-    the device is gpu_suite.DEVICE.)"""
-    with large_memory_slot() if request.node.get_closest_marker("large_memory") else contextlib.nullcontext():
+    """The test's share of the GPU memory budget while it runs; cached GPU memory is returned after each test, so
+    that one test's tensors cannot make a later one run out. (Seeds: tests/conftest.py seeds every device before each
+    test; the device is gpu_suite.DEVICE.)"""
+    mark = request.node.get_closest_marker("gpu_memory")
+    with gpu_memory_share(mark.args[0] if mark else DEFAULT_GIB) if not DRY else contextlib.nullcontext():
         yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

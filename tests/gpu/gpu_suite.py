@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import tempfile
 import time
@@ -57,27 +58,45 @@ def kernel_group(kind: str, dtype: torch.dtype) -> pytest.MarkDecorator:
     return pytest.mark.xdist_group(f"attention-{kind}-{dtype_name(dtype)}")
 
 
-LARGE_SLOTS = int(os.environ.get("TNL_GPU_SUITE_LARGE_SLOTS", "2"))
-large_memory = pytest.mark.large_memory  # tens of GiB: at most LARGE_SLOTS such tests at once across the workers
+# GPU memory is shared by the suite's workers as a budget of 4 GiB units (file locks): each test holds as many as its
+# `gpu_memory(gib)` mark says (its measured peak, rounded up; DEFAULT_GIB unmarked) and waits until they are free.
+MEMORY_BUDGET_GIB = float(os.environ.get("TNL_GPU_SUITE_MEMORY_GIB", "128"))  # of the H200's 139.8, less contexts
+UNIT_GIB = 4
+DEFAULT_GIB = 8
+
+
+def gpu_memory(gib: float) -> pytest.MarkDecorator:
+    """The GPU memory (GiB, at most) a test needs."""
+    return pytest.mark.gpu_memory(gib)
 
 
 @contextlib.contextmanager
-def large_memory_slot():
-    """Holds one of LARGE_SLOTS file locks shared by the session's workers (waits for one to be free)."""
+def gpu_memory_share(gib: float):
+    """Holds enough of the budget's units for `gib` GiB across the session's workers (waits until they are free)."""
     folder = Path(os.environ.get("TNL_GPU_SUITE_LOCKS") or tempfile.gettempdir())
+    total = max(1, int(MEMORY_BUDGET_GIB // UNIT_GIB))
+    wanted = min(total, max(1, math.ceil(gib / UNIT_GIB)))
     while True:
-        for slot in range(LARGE_SLOTS):
-            handle = open(folder / f"large-memory-{slot}.lock", "w")
+        held = []
+        for unit in range(total):
+            handle = open(folder / f"gpu-memory-{unit}.lock", "w")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
                 continue
-            try:
-                yield
-            finally:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # hand the memory back before the next large test may start
-                handle.close()
-            return
-        time.sleep(0.5)
+            held.append(handle)
+            if len(held) == wanted:
+                break
+        if len(held) == wanted:
+            break
+        for handle in held:  # all or none, so two waiting tests cannot each hold half of what the other needs
+            handle.close()
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the memory back before another test may count on it
+        for handle in held:
+            handle.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import assert_close_to_ref
-from .gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name, large_memory, large_memory_slot
+from .gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name, gpu_memory, gpu_memory_share
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
 from transnormer_hf.modeling_transnormer import CACHE_FIELD
@@ -79,6 +79,7 @@ def prefill_reference(weights):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@gpu_memory(28)  # peak on the H200: 27 GiB
 def test_prefill_and_decode(weights, prefill_reference, dtype):
     ids, (ref_prefill, ref_decode) = prefill_reference
     prompt, following = ids[:, :PREFILL], ids[:, PREFILL:]
@@ -98,6 +99,7 @@ def _left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("cache", ["default", "static"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@gpu_memory(20)  # peak on the H200: 18 GiB
 def test_generate_on_a_left_padded_batch(weights, dtype, cache):
     """Greedy generate(): each token is the argmax of the logits generate() returns, and those logits are the
     reference's on the generated text, each row run alone without padding (teacher-forced, one forward). On CUDA the
@@ -137,16 +139,16 @@ GRADS = ("model.embed_tokens.weight", "model.layers.0.token_mixer.qkvu_proj.weig
 
 @pytest.fixture(scope="module")
 def loss_reference(weights):
-    """The float64 torch path's full-logits loss and the GRADS gradients (a float64 TNL-1B: a large-memory slot)."""
+    """The float64 torch path's full-logits loss and the GRADS gradients (a float64 TNL-1B: 48 GiB)."""
     ids = torch.randint(3, _config().vocab_size, (1, LOSS_TOKENS), device=DEVICE)
     names = [name.format(last=_config().num_hidden_layers - 1) for name in GRADS]
-    with large_memory_slot():
+    with gpu_memory_share(48):
         loss, grads = _loss_and_grads(_model(weights, "torch", torch.float64), ids)
         grads = {name: grads[name] for name in names}
     return ids, loss, grads
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.xdist_group("model-loss"), large_memory])
+@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.xdist_group("model-loss"), gpu_memory(48)])
                                    for dtype in DTYPES], ids=dtype_name)
 def test_chunked_loss_and_gradient_checkpointing(weights, loss_reference, dtype):
     """Training forward + backward on Triton with the chunked loss (4 chunks, no full logits), with and without

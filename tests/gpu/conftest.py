@@ -35,11 +35,11 @@ WORKERS = int(os.environ.get("TNL_GPU_SUITE_WORKERS", "6"))
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads its options (called for initial conftests only)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput") or DEVICE.type != "cuda" or not torch.cuda.is_available():
         return
-    # The workers inherit the controller's environment: one folder of slot locks per session.
+    # The workers inherit the controller's environment: one folder of memory-budget locks per session.
     os.environ["TNL_GPU_SUITE_LOCKS"] = tempfile.mkdtemp(prefix="tnl-gpu-suite-")
-    if DEVICE.type != "cuda" or not torch.cuda.is_available() or not config.pluginmanager.hasplugin("xdist"):
+    if not config.pluginmanager.hasplugin("xdist"):
         return
     if config.option.numprocesses is None and not config.option.collectonly and WORKERS > 0:
         config.option.numprocesses = WORKERS
@@ -91,14 +91,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _gpu_memory(request: pytest.FixtureRequest):
-    """The test's share of the GPU memory budget while it runs; cached GPU memory is returned after each test, so
-    that one test's tensors cannot make a later one run out. (Seeds: tests/conftest.py seeds every device before each
-    test; the device is gpu_suite.DEVICE.)"""
+    """The test's share of the GPU memory budget while it runs; leaving it returns the cached GPU memory, so that one
+    test's tensors cannot make a later one run out. (Seeds: tests/conftest.py seeds every device before each test;
+    the device is gpu_suite.DEVICE.)"""
     mark = request.node.get_closest_marker("gpu_memory")
     with gpu_memory_share(mark.args[0] if mark else DEFAULT_GIB) if not DRY else contextlib.nullcontext():
         yield
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @pytest.hookimpl(wrapper=True)

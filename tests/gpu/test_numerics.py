@@ -32,7 +32,7 @@ def _config(preset: str, backend: str) -> TransNormerLLMConfig:
 
 def _layers(preset: str, layer_idx: int):
     """The same random decoder layer on the torch path in float64 and fp32 and on the Triton path in fp32, on the
-    GPU (float64 first: the truth is computed, and freed, before the fp32 runs)."""
+    GPU (the float64 truth is computed first, before the fp32 runs)."""
     torch.manual_seed(layer_idx)
     config = _config(preset, "torch")
     torch_layer = TransNormerLLMDecoderLayer(config, layer_idx).to(DEVICE)
@@ -55,7 +55,6 @@ def _forward_backward(layer, hidden, cu_seqlens=None):
 def _compare(layers, hidden, cu_seqlens=None):
     truth_layer, torch_layer, triton_layer = layers
     truth = _forward_backward(truth_layer, hidden, cu_seqlens)
-    del truth_layer
     baseline = _forward_backward(torch_layer, hidden, cu_seqlens)
     got = _forward_backward(triton_layer, hidden, cu_seqlens)
     print({name: f"{rel_err(got[name], baseline[name]):.2e} vs torch, {rel_err(got[name], truth[name]):.2e} "

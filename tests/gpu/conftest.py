@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,21 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.numprocesses = WORKERS
     if config.option.numprocesses and config.option.dist in ("no", "load"):
         config.option.dist = "loadgroup"
+        # xdist's workers parse the command line (and PYTEST_ADDOPTS) again rather than receive the controller's
+        # options; a worker that has not been told loadgroup leaves the xdist_group marks out of its test ids, and
+        # the scheduler then spreads the tests of one kernel variant over the workers, each compiling it.
+        os.environ["PYTEST_ADDOPTS"] = f"{os.environ.get('PYTEST_ADDOPTS', '')} --dist loadgroup".strip()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On a worker of a loadgroup run: a warning when xdist could not add the groups to the test ids."""
+    config = session.config
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    if any(item.get_closest_marker("xdist_group") and "@" not in item.nodeid for item in session.items):
+        warnings.warn(pytest.PytestWarning(
+            "the xdist_group marks were not applied (pytest-xdist 3.8 with pytest 9.2: pytest-dev/pytest-xdist#1386): "
+            "the workers compile kernel variants more than once and the suite takes longer"))
 
 
 def _in_suite(item: pytest.Item) -> bool:

@@ -52,10 +52,21 @@ def representable(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() < 2.0**-14, torch.zeros_like(x), x)
 
 
-def kernel_group(kind: str, dtype: torch.dtype) -> pytest.MarkDecorator:
-    """The xdist group of tests that compile the attention kernels for one head shape (an LRPE layer's or a plain
-    one's) and dtype: they run on one worker, so each variant compiles once (see tests/gpu/conftest.py)."""
-    return pytest.mark.xdist_group(f"attention-{kind}-{dtype_name(dtype)}")
+def kernel_group(kind: str, dtype: torch.dtype, variant: str) -> pytest.MarkDecorator:
+    """The xdist group of the tests that compile one variant of the attention kernels: a head shape (an LRPE layer's
+    or a plain one's), a dtype and `variant` (see `length_variant`). They run on one worker, so the variant compiles
+    once, while other workers compile other variants (see tests/gpu/conftest.py)."""
+    return pytest.mark.xdist_group(f"attention-{kind}-{dtype_name(dtype)}-{variant}")
+
+
+def length_variant(length: int) -> str:
+    """Which compiled kernels a fixed-length call of `length` tokens runs: Triton specializes an integer argument
+    equal to 1 or divisible by 16 (here the length), and the longest length is split into segments."""
+    if length == LONGEST:
+        return "split"
+    if length == 1:
+        return "one-token"
+    return "aligned" if length % 16 == 0 else "unaligned"
 
 
 # GPU memory is shared by the suite's workers as a budget of 4 GiB units (file locks): each test holds as many as its

@@ -14,7 +14,7 @@ import pytest
 import torch
 from checks import assert_close_to_ref
 from .gpu_suite import (DEVICE, DRY, DTYPES, HEADS, LENGTHS, LONGEST, SLACK, dtype_name, kernel_group, gpu_memory,
-                        representable)
+                        length_variant, representable)
 
 from transnormer_hf.configuration_transnormer import PRESETS as PRESET_FIELDS
 from transnormer_hf.kernels import (
@@ -48,14 +48,16 @@ def _layer(preset: str, kind: str) -> tuple[int, int, int, torch.Tensor]:
 def _cases():
     """(preset, kind, length, dtype). The presets share the head dims (128, and 256 on LRPE layers) and differ only
     in the head count, so the 1B shape runs at every length and the others at 2K and 8K (which keeps the suite inside
-    its time on one GPU). Grouped by kind and dtype (one compile of each kernel variant); peaks at 64K: 20-33 GiB."""
+    its time on one GPU). Grouped by kernel variant (kind, dtype, length class: each compiles once); peaks at 64K:
+    20-33 GiB."""
     for length in LENGTHS:
         for preset in PRESETS:
             if preset != "1B" and not DRY and length not in (2048, 8192):
                 continue
             for kind in KINDS:
                 for dtype in DTYPES:
-                    marks = [kernel_group(kind, dtype)] + ([gpu_memory(36)] if length == LONGEST else [])
+                    marks = [kernel_group(kind, dtype, length_variant(length))]
+                    marks += [gpu_memory(36)] if length == LONGEST else []
                     yield pytest.param(preset, kind, length, dtype, marks=marks,
                                        id=f"{preset}-{kind}-N{length}-{dtype_name(dtype)}")
 
@@ -162,7 +164,8 @@ def _varlen_cases():
     for packing in VARLEN:
         for kind in KINDS:
             for dtype in DTYPES:
-                yield pytest.param(packing, kind, dtype, marks=[kernel_group(kind, dtype), gpu_memory(24)],
+                yield pytest.param(packing, kind, dtype, marks=[kernel_group(kind, dtype, f"varlen-{packing}"),
+                                                                gpu_memory(24)],
                                    id=f"{packing}-{kind}-{dtype_name(dtype)}")
 
 

@@ -4,6 +4,7 @@ workers see none, so every test skips there, after collection, which is what is 
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_gpu_suite_workers_apply_the_kernel_variant_groups(tmp_path):
                "tests/gpu/test_gpu_kernels.py", "-k", "test_attention_forward_backward_states and N1-"]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    reports = {path.name: eval(path.read_text()) for path in tmp_path.glob("gw*")}
+    reports = {path.name: ast.literal_eval(path.read_text()) for path in tmp_path.glob("gw*")}
     assert sorted(reports) == ["gw0", "gw1"], run.stdout[-3000:]
     for worker, (loadgroup, ids) in reports.items():
         assert loadgroup is True, f"{worker} collected with loadgroup={loadgroup!r}"

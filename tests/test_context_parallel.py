@@ -79,6 +79,24 @@ def test_train_cli_context_parallel_needs_packing(tmp_path, capsys):
     assert "--context-parallel must be at least 1 and needs --packing" in capsys.readouterr().err
 
 
+def test_train_cli_refuses_accelerates_own_context_parallelism(tmp_path, capsys, monkeypatch):
+    """An accelerate config with parallelism_config cp_size 2 (what `accelerate launch` exports) is a clear error
+    naming --context-parallel, before the data and the model are loaded, not Trainer's error at the first step."""
+    from transnormer_hf.cli import main
+
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "ab cd ab cd"}\n')
+    assert main(["train", "--model", "tiny", "--data", str(data), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "parallelism_config cp_size 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "1")  # what accelerate exports for a config without CP
+    assert main(["train", "--model", "tiny", "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err  # the next check: cp_size 1 passed
+
+
 # ---- the worker, run by torchrun ----------------------------------------------------------------------------------
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,13 @@ def _resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    # `accelerate launch` passes a config's parallelism_config to the processes as these variables; Trainer would
+    # only refuse them at the first step (its context parallelism needs SDPA attention), after loading everything.
+    accelerate_cp = os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1")
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true" and accelerate_cp.strip() != "1":
+        raise CLIError(f"the accelerate config sets parallelism_config cp_size {accelerate_cp}: accelerate's context "
+                       "parallelism is built for SDPA attention and Trainer refuses it for TNL; remove it from the "
+                       f"config and pass --context-parallel {accelerate_cp} (see README: Long sequences across GPUs)")
     for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")

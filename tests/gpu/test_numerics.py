@@ -13,6 +13,7 @@ from checks import assert_close_to_ref, rel_err
 from .gpu_suite import DEVICE, DRY, SLACK, gpu_memory
 
 from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+from transnormer_hf.kernels.triton_lightning_attn import _MIN_SPLIT_TOKENS
 from transnormer_hf.modeling_transnormer import TransNormerLLMDecoderLayer
 
 LENGTHS = (130, 300) if DRY else (2048, 8192, 32768, 65536)
@@ -69,8 +70,8 @@ def _length_cases():
             for length in LENGTHS:
                 # peaks on the H200: 3-10 GiB up to 8K, 14-27 at 32K, 24-55 at 64K
                 gib = {2048: 8, 8192: 12, 32768: 28}.get(length, 56)
-                # one group per compiled variant: lengths from 16K on may split into segments (other kernels)
-                variant = "long" if length >= 16384 else "short"
+                # one group per compiled variant: lengths the kernel may split into segments run other kernels
+                variant = "long" if length >= _MIN_SPLIT_TOKENS else "short"
                 marks = [pytest.mark.xdist_group(f"numerics-{kind}-{variant}"), gpu_memory(gib)]
                 yield pytest.param(preset, kind, length, marks=marks, id=f"{preset}-{kind}-{length}")
 

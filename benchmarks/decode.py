@@ -6,10 +6,14 @@ default caches, in one run, within a few minutes on one GPU (issue 17).
     python benchmarks/decode.py --device cpu --shape tiny --contexts 64 256 --batches 1 2 --big-batch 4 \\
         --out /tmp/decode_smoke.json                                                     # a CPU smoke run
 
-Paths: "fast" is TNL's `TransNormerLLMStaticCache` (what `cache_implementation="static"` builds; generate() compiles
-its step with CUDA graphs on CUDA), "default" is `generate()` with no flags (TNL's eager recurrent cache); Llama's
-"static" is transformers' StaticCache (compiled the same way) and its "default" the DynamicCache. Every cache starts
-at the row's context without a prefill (TNL: the states of one step and the token counter set to the context;
+Paths (TNL): "graphs" is `generate()` with no flags, which on CUDA runs `decode_with_cuda_graphs` (each step
+replayed from one CUDA graph, the stop check read a step late); "graphs, cache passed" the same loop when the caller
+passes the cache in and so keeps it (it then checks every step, so the cache holds exactly transformers' tokens);
+"compiled" is transformers' loop on `cache_implementation="static"` (generate() compiles the step with CUDA graphs:
+the fast path before the graph loop) and "eager" transformers' loop on the default cache (`cuda_graph_decoding=False`:
+the default before). Llama's "static" is transformers' StaticCache (compiled the same way), its "default" the
+DynamicCache. Every cache starts at the row's context without a prefill (TNL: the states of one step and the token
+counter set to the context, handed to generate() as the cache it builds itself, except on "graphs, cache passed";
 Llama: random keys and values), so each row costs two short generations: per-token time is
 (t(80 new tokens) - t(16 new tokens)) / 64, greedy, so the prefill of the one fed token and the compile drop out.
 The first call of each (model, path, batch) is timed separately: `first_call_s` minus a warm call of the same length
@@ -48,18 +52,35 @@ def _sync(device: str) -> float:
     return time.perf_counter()
 
 
+TNL_PATHS = {  # path -> (cache class, config.cuda_graph_decoding, whether the cache is passed in as the caller's)
+    "graphs": (TransNormerLLMCache, True, False),
+    "graphs, cache passed": (TransNormerLLMCache, True, True),
+    "compiled": (TransNormerLLMStaticCache, False, False),
+    "eager": (TransNormerLLMCache, False, False),
+}
+
+
 def _tnl_cache(model, path: str, batch: int, context: int, reuse: dict):
-    """A TNL cache standing at `context` tokens; the static one is reused per batch (fixed addresses, no recapture)."""
-    if path == "fast" and batch in reuse:
+    """generate() arguments with a TNL cache standing at `context` tokens; the static one is reused per batch (fixed
+    addresses, no recapture). Unless the path passes it in, the cache goes to generate() as the one it builds itself
+    (the model instance's `_prepare_cache_for_generation`), which is what a long prompt's prefill leaves it."""
+    cache_class, graphs, passed = TNL_PATHS[path]
+    model.config.cuda_graph_decoding = graphs
+    vars(model).pop("_prepare_cache_for_generation", None)  # the previous row's
+    if cache_class is TransNormerLLMStaticCache and batch in reuse:
         cache = reuse[batch]
     else:
-        cache = (TransNormerLLMStaticCache if path == "fast" else TransNormerLLMCache)(model.config)
+        cache = cache_class(model.config)
         model(input_ids=torch.ones(batch, 1, dtype=torch.int64, device=model.device), use_cache=True,
               **{CACHE_FIELD: cache})
-        if path == "fast":
+        if cache_class is TransNormerLLMStaticCache:
             reuse[batch] = cache
     cache.seen_tokens = context  # only moves the LRPE angles: the state's size does not depend on it
-    return {CACHE_FIELD: cache}, cache.state_bytes
+    if passed:
+        return {CACHE_FIELD: cache}, cache.state_bytes
+    model._prepare_cache_for_generation = lambda generation_config, model_kwargs, *args, **kwargs: (
+        model_kwargs.__setitem__(CACHE_FIELD, cache))
+    return {"cache_implementation": "static"} if cache_class is TransNormerLLMStaticCache else {}, cache.state_bytes
 
 
 def _llama_cache(model, path: str, batch: int, context: int, reuse: dict):
@@ -242,7 +263,7 @@ class Runner:
         context = args.contexts[0]
         row = dict(part="profile", model=self.name, path=self.path, batch=1, context=context)
         record.add(dict(row, code="now", **_profile(self.model, self.make_cache, 1, context)))
-        if (self.name, self.path) == ("tnl", "default"):
+        if (self.name, self.path) == ("tnl", "eager"):
             with _before_issue_17(self.model):
                 record.add(dict(row, code="before issue 17", **_profile(self.model, self.make_cache, 1, context)))
 
@@ -280,7 +301,7 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=64000)
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
-    parser.add_argument("--big-batch", type=int, default=2048, help="TNL's default path at the last context")
+    parser.add_argument("--big-batch", type=int, default=2048, help="TNL's graphs and eager paths at the last context")
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip the rows left after this many seconds")
     args = parser.parse_args()
     if args.plot:
@@ -310,7 +331,7 @@ def main() -> int:
     for model in models.values():
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
-    runners = [Runner(models["tnl"], "tnl", "fast"), Runner(models["tnl"], "tnl", "default"),
+    runners = [*(Runner(models["tnl"], "tnl", path) for path in TNL_PATHS),
                Runner(models["llama"], "llama", "static"), Runner(models["llama"], "llama", "default")]
     with torch.no_grad():
         for index, batch in enumerate(args.batches):  # every path at one batch size before the next batch size
@@ -320,7 +341,8 @@ def main() -> int:
             if index == 0:
                 for runner in runners:
                     runner.profile(record, args, started)
-        runners[1].row(record, args, args.big_batch, args.contexts[-1], copy_bps, started)  # TNL default, large batch
+        for runner in runners[:4:3]:  # TNL's graph loop and transformers' eager loop at the large batch
+            runner.row(record, args, args.big_batch, args.contexts[-1], copy_bps, started)
     record.add(dict(part="total", seconds=round(time.perf_counter() - started, 1)))
     try:
         print(plot(args.out))

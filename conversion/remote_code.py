@@ -52,6 +52,7 @@ def bundle_sources() -> dict[str, Path]:
         "configuration_transnormer.py": PACKAGE_DIR / "configuration_transnormer.py",
         "cache_transnormer.py": PACKAGE_DIR / "cache_transnormer.py",
         "context_parallel.py": PACKAGE_DIR / "context_parallel.py",
+        "decoding_transnormer.py": PACKAGE_DIR / "decoding_transnormer.py",
         "modeling_transnormer.py": PACKAGE_DIR / "modeling_transnormer.py",
         f"{KERNELS_MODULE}.py": KERNELS_DIR / "__init__.py",
     }

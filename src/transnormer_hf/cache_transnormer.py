@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers version shim: the cache's keyword and output field, `past_key_values` in 5.17-5.23 and `cache` from
+# 5.24 on (the old name deprecated until 5.40).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class TransNormerLLMLayerState:

@@ -32,7 +32,7 @@ OFFICIAL_MODEL_TYPE = "transnormer"
 # Fields checked again whenever they are assigned after construction (see TransNormerLLMConfig.__setattr__).
 CHECKED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "attention_hidden_size",
                   "intermediate_size", "hidden_act", "lrpe_layers", "norm_type", "rms_norm_eps", "initializer_range",
-                  "attention_backend", "loss_chunk_size")
+                  "attention_backend", "loss_chunk_size", "cuda_graph_decoding")
 
 # Released OpenNLPLab sizes (tnl_spec.md section 2). 385M's config.json was never published: these are
 # the config-class defaults, which match its parameter count; its activation and scale are unverified.
@@ -68,6 +68,8 @@ class TransNormerLLMConfig(PreTrainedConfig):
         attention_backend: "auto" (Triton on CUDA when available, torch otherwise), "torch" or "triton".
         loss_chunk_size: 0 (off) or the rows per chunk of a fused lm_head + cross-entropy used in training: the loss
             comes straight from the hidden states, the full logits are never built, and `logits` is None.
+        cuda_graph_decoding: on CUDA, `generate()` runs greedy decoding and sampling through one CUDA graph per
+            generation with the stop check off the critical path (same tokens); False keeps transformers' loop.
     """
 
     model_type = "transnormer_llm"
@@ -102,6 +104,7 @@ class TransNormerLLMConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         attention_backend: str = "auto",
         loss_chunk_size: int = 0,
+        cuda_graph_decoding: bool = True,
         use_cache: bool = True,
         pad_token_id: int | None = 0,
         bos_token_id: int | None = 1,
@@ -157,6 +160,7 @@ class TransNormerLLMConfig(PreTrainedConfig):
         self.initializer_range = given["initializer_range"]
         self.attention_backend = attention_backend
         self.loss_chunk_size = loss_chunk_size
+        self.cuda_graph_decoding = cuda_graph_decoding
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -282,6 +286,8 @@ class TransNormerLLMConfig(PreTrainedConfig):
         chunk = self.loss_chunk_size
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
             raise ValueError(f"loss_chunk_size must be a non-negative integer (0 = off); got {self.loss_chunk_size!r}")
+        if not isinstance(self.cuda_graph_decoding, bool):
+            raise ValueError(f"cuda_graph_decoding must be True or False; got {self.cuda_graph_decoding!r}")
 
 
 def follow_layer_count(flags: list[int], num_layers: int) -> list[int]:

@@ -11,12 +11,15 @@ Math and parameter names follow the official OpenNLPLab code (see ../shared/docs
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -32,15 +35,13 @@ from transnormer_hf.kernels import (
     srms_norm,
 )
 
-from .cache_transnormer import TransNormerLLMCache, TransNormerLLMStaticCache
+from .cache_transnormer import CACHE_FIELD, TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
 from .context_parallel import forward_layout
+from .decoding_transnormer import decode_with_cuda_graphs, takes_graph_decoding
 from .context_parallel import loss_kwargs as context_parallel_loss_kwargs
 
-# ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, old name deprecated until 5.40)
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
+# ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, the name in CACHE_FIELD)
 def _merge_cache_kwargs(cache: object, past_key_values: object) -> TransNormerLLMCache | None:
     """Accept the cache under either keyword; anything but our cache is a clear error."""
     if cache is not None and past_key_values is not None:
@@ -617,6 +618,29 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
             shift_labels.reshape(-1).to(hidden_states.device), chunk_size=self.config.loss_chunk_size,
             num_items_in_batch=num_items_in_batch, backend=self.config.attention_backend,
         )
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, streamer=None, **kwargs):
+        """transformers' `generate()`. On CUDA, greedy decoding and sampling run their steps from a CUDA graph with the
+        stop check off the critical path (`decode_with_cuda_graphs`: the same tokens, several times faster); set
+        `config.cuda_graph_decoding = False`, or pass a `custom_generate`, for transformers' own loop."""
+        if kwargs.get("custom_generate") is None and self._decodes_with_cuda_graphs(generation_config, kwargs):
+            # transformers hands a custom loop none of its own arguments (streamer, synced_gpus): they are bound here
+            kwargs["custom_generate"] = functools.partial(decode_with_cuda_graphs, streamer=streamer, synced_gpus=False)
+        return super().generate(inputs, generation_config, streamer=streamer, **kwargs)
+
+    def _decodes_with_cuda_graphs(self, generation_config, kwargs: dict) -> bool:
+        """Whether this generate() call is greedy or multinomial sampling on one CUDA device with graph decoding on.
+
+        Not with a `tokenizer` (stop strings, token healing): transformers does not hand it on to a custom loop's
+        stopping criteria; nor across processes, whose generate may need synced steps or collectives."""
+        if not self.config.cuda_graph_decoding or not takes_graph_decoding(self.device) or "tokenizer" in kwargs:
+            return False
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            return False
+        merged = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        merged.update(**kwargs)  # generate()'s keyword overrides; the rest it returns, and we ignore
+        mode = merged.get_generation_mode(kwargs.get("assistant_model"))
+        return mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """generate() gets our recurrent cache up front, so that every path that needs one (chunked prefill) has it:

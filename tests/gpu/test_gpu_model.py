@@ -19,7 +19,8 @@ import torch
 from checks import assert_close_to_ref
 from .gpu_suite import DEVICE, DRY, DTYPES, SLACK, dtype_name, gpu_memory, gpu_memory_share
 
-from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM
+from transnormer_hf import TransNormerLLMConfig, TransNormerLLMForCausalLM, decoding_transnormer
+from transnormer_hf.decoding_transnormer import GraphedDecodeStep
 from transnormer_hf.modeling_transnormer import CACHE_FIELD
 
 FP32_BOUND = 1e-5
@@ -120,6 +121,41 @@ def test_generate_on_a_left_padded_batch(weights, dtype, cache):
             ref = reference(text[:, :-1]).logits[0, -NEW_TOKENS:].float()
             base = baseline(text[:, :-1]).logits[0, -NEW_TOKENS:].float()
         _check(f"{cache} generate() logits, row {row}", logits[row], ref, base, dtype)
+
+
+@gpu_memory(14)
+def test_graph_decoding_gives_transformers_tokens(weights, monkeypatch):
+    """generate()'s CUDA-graph loop against transformers' loop (`cuda_graph_decoding=False`) in fp32, where the tokens
+    must be identical: greedy on a left-padded batch with an end token that stops one row early (the late stop
+    check), seeded sampling with two sequences per prompt, and a returned cache, whose states must be the same."""
+    monkeypatch.setattr(decoding_transnormer, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))  # the dry run takes it too
+    captured, finish = [], GraphedDecodeStep.finish
+    monkeypatch.setattr(GraphedDecodeStep, "finish", lambda step: (captured.append(step.graph is not None),
+                                                                  finish(step)))
+    ids, mask = _left_padded_batch()
+    model = _model(weights, "triton", torch.float32)
+
+    def both(**kwargs):
+        runs = []
+        for graphs in (False, True):
+            model.config.cuda_graph_decoding = graphs
+            torch.manual_seed(1)
+            with torch.no_grad():
+                runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **kwargs))
+        return runs
+
+    theirs, ours = both(do_sample=False, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+    eos = int(theirs[0, PROMPT])  # row 0's first new token ends it
+    theirs, ours = both(do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours, theirs) and (ours[0, PROMPT + 1:] == 0).all(), "row 0 did not stop at its end token"
+    theirs, ours = both(do_sample=True, top_p=0.9, num_return_sequences=2, eos_token_id=None)
+    assert torch.equal(ours, theirs) and not torch.equal(ours[0], ours[1])
+    theirs, ours = both(do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for layer, reference in zip(getattr(ours, CACHE_FIELD).layers, getattr(theirs, CACHE_FIELD).layers):
+        torch.testing.assert_close(layer.state, reference.state, rtol=1e-6, atol=1e-6)
+    assert captured == [DEVICE.type == "cuda"] * 4, "the graph loop did not run, or did not capture its step"
 
 
 def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

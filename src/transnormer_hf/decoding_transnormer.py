@@ -61,8 +61,13 @@ class GraphedDecodeStep:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=stream):  # records the step; nothing runs until replay
-                self.logits = self._forward()
+            # capture_begin/end rather than `torch.cuda.graph`, which also syncs and empties the allocator's cache
+            with torch.cuda.stream(stream):
+                graph.capture_begin()
+                try:
+                    self.logits = self._forward()  # recorded; nothing runs until replay
+                finally:
+                    graph.capture_end()
         except RuntimeError as error:  # something in the step cannot be captured: decode eagerly, as _sample would
             logger.warning_once(f"TNL decoding: the step could not be captured as a CUDA graph ({error}); decoding "
                                 f"continues without it")

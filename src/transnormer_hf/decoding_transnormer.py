@@ -128,7 +128,7 @@ class _LateStopFlags:
         return bool(self.values[self.previous])
 
 
-def graph_decoding_applies(model, model_kwargs: dict, generation_config, synced_gpus: bool) -> str | None:
+def why_transformers_loop(model, model_kwargs: dict, generation_config, synced_gpus: bool) -> str | None:
     """Why this generation must take transformers' `_sample` instead, or None when the graph loop can run it."""
     if synced_gpus:
         return "synced_gpus (DeepSpeed ZeRO-3, FSDP) runs every rank to max_length"
@@ -155,7 +155,7 @@ def decode_with_cuda_graphs(model, input_ids: torch.LongTensor, logits_processor
     if generation_config.num_beams != 1:
         raise ValueError(f"decode_with_cuda_graphs runs greedy decoding and sampling (num_beams=1); got "
                          f"num_beams={generation_config.num_beams}: leave custom_generate unset for beam search")
-    if graph_decoding_applies(model, model_kwargs, generation_config, synced_gpus) is not None:
+    if why_transformers_loop(model, model_kwargs, generation_config, synced_gpus) is not None:
         return type(model)._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     pad_token_id = generation_config._pad_token_tensor

@@ -5,7 +5,7 @@ is checked on the GPU (tests/gpu/test_gpu_model.py)."""
 
 import pytest
 import torch
-from transformers import TextStreamer
+from transformers import TextStreamer, pipeline
 
 from conftest import tiny_config
 from test_decode_fast_path import word_tokenizer  # noqa: F401 (a fixture)
@@ -149,6 +149,26 @@ def test_stop_strings_take_transformers_loop(tiny_model, word_tokenizer, graph_s
     assert torch.equal(ours, theirs) and torch.equal(ours, unstopped[:, :6])
 
 
+def test_a_tokenizer_without_stop_strings_keeps_the_graph_loop(tiny_model, word_tokenizer, graph_steps):
+    prompt = word_tokenizer("tnl", return_tensors="pt").input_ids
+    theirs, ours = _both(tiny_model, prompt, graph_steps, tokenizer=word_tokenizer, **GREEDY)
+    assert torch.equal(ours, theirs)
+
+
+def test_one_new_token_and_the_text_generation_pipeline(tiny_model, word_tokenizer, graph_steps):
+    prompt = torch.randint(3, 48, (2, 5))
+    theirs, ours = _both(tiny_model, prompt, graph_steps, max_new_tokens=1, do_sample=False, eos_token_id=None)
+    assert ours.shape == (2, 6) and torch.equal(ours, theirs)
+    graph_steps.clear()
+    generator = pipeline("text-generation", model=tiny_model, tokenizer=word_tokenizer)
+    text = "tnl decodes"
+    tiny_model.config.cuda_graph_decoding = False
+    theirs = generator(text, max_new_tokens=NEW_TOKENS, do_sample=False, return_tensors=True)[0]
+    tiny_model.config.cuda_graph_decoding = True
+    ours = generator(text, max_new_tokens=NEW_TOKENS, do_sample=False, return_tensors=True)[0]
+    assert graph_steps and ours["generated_token_ids"] == theirs["generated_token_ids"]
+
+
 def test_streaming_prints_what_it_returns(tiny_model, word_tokenizer, capsys, graph_steps):
     prompt = word_tokenizer("tnl", return_tensors="pt").input_ids
     theirs, ours = _both(tiny_model, prompt, graph_steps, streamer=TextStreamer(word_tokenizer, skip_prompt=True),
@@ -184,6 +204,7 @@ def test_generate_picks_the_graph_loop_for_greedy_and_sampling_on_cuda_only(tiny
     assert decides(None, {}) and decides(None, dict(do_sample=True, top_p=0.9))
     assert not decides(None, dict(num_beams=3))
     assert not decides(None, dict(prompt_lookup_num_tokens=3))
+    assert not decides(None, dict(stop_strings=["."])) and not decides(None, dict(token_healing=True))
     tiny_model.config.cuda_graph_decoding = False
     assert not decides(None, {})
     tiny_model.config.cuda_graph_decoding = True

@@ -631,14 +631,16 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
     def _decodes_with_cuda_graphs(self, generation_config, kwargs: dict) -> bool:
         """Whether this generate() call is greedy or multinomial sampling on one CUDA device with graph decoding on.
 
-        Not with a `tokenizer` (stop strings, token healing): transformers does not hand it on to a custom loop's
-        stopping criteria; nor across processes, whose generate may need synced steps or collectives."""
-        if not self.config.cuda_graph_decoding or not takes_graph_decoding(self.device) or "tokenizer" in kwargs:
+        Not with stop strings or token healing, which need the `tokenizer` that transformers does not hand on to a
+        custom loop; nor across processes, whose generate may need synced steps or collectives."""
+        if not self.config.cuda_graph_decoding or not takes_graph_decoding(self.device):
             return False
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             return False
         merged = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         merged.update(**kwargs)  # generate()'s keyword overrides; the rest it returns, and we ignore
+        if merged.stop_strings is not None or merged.token_healing:
+            return False
         mode = merged.get_generation_mode(kwargs.get("assistant_model"))
         return mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 

@@ -11,7 +11,8 @@ replayed from one CUDA graph, the stop check read a step late); "graphs, cache p
 passes the cache in and so keeps it (it then checks every step, so the cache holds exactly transformers' tokens);
 "compiled" is transformers' loop on `cache_implementation="static"` (generate() compiles the step with CUDA graphs:
 the fast path before the graph loop) and "eager" transformers' loop on the default cache (`cuda_graph_decoding=False`:
-the default before). Llama's "static" is transformers' StaticCache (compiled the same way), its "default" the
+the default before); "graphs, cuBLAS linears" is "graphs" with every linear layer through cuBLAS (the few-row Triton
+GEMV of `kernels.gemv` off). Llama's "static" is transformers' StaticCache (compiled the same way), its "default" the
 DynamicCache. Every cache starts at the row's context without a prefill (TNL: the states of one step and the token
 counter set to the context, handed to generate() as the cache it builds itself, except on "graphs, cache passed";
 Llama: random keys and values), so each row costs two short generations: per-token time is
@@ -41,6 +42,7 @@ from model import Recorder, build, tnl_config
 
 from transnormer_hf import TransNormerLLMCache, TransNormerLLMStaticCache
 from transnormer_hf import kernels as tnl_kernels
+from transnormer_hf import modeling_transnormer as modeling
 from transnormer_hf.modeling_transnormer import CACHE_FIELD
 
 SHORT, LONG = 16, 80  # new tokens of the two timed generations
@@ -52,11 +54,14 @@ def _sync(device: str) -> float:
     return time.perf_counter()
 
 
-TNL_PATHS = {  # path -> (cache class, config.cuda_graph_decoding, whether the cache is passed in as the caller's)
-    "graphs": (TransNormerLLMCache, True, False),
-    "graphs, cache passed": (TransNormerLLMCache, True, True),
-    "compiled": (TransNormerLLMStaticCache, False, False),
-    "eager": (TransNormerLLMCache, False, False),
+# path -> (cache class, config.cuda_graph_decoding, whether the cache is passed in as the caller's, whether a step's
+# few rows take the Triton GEMV: kernels.gemv, off = every linear through cuBLAS as before it)
+TNL_PATHS = {
+    "graphs": (TransNormerLLMCache, True, False, True),
+    "graphs, cuBLAS linears": (TransNormerLLMCache, True, False, False),
+    "graphs, cache passed": (TransNormerLLMCache, True, True, True),
+    "compiled": (TransNormerLLMStaticCache, False, False, True),
+    "eager": (TransNormerLLMCache, False, False, True),
 }
 
 
@@ -64,8 +69,9 @@ def _tnl_cache(model, path: str, batch: int, context: int, reuse: dict):
     """generate() arguments with a TNL cache standing at `context` tokens; the static one is reused per batch (fixed
     addresses, no recapture). Unless the path passes it in, the cache goes to generate() as the one it builds itself
     (the model instance's `_prepare_cache_for_generation`), which is what a long prompt's prefill leaves it."""
-    cache_class, graphs, passed = TNL_PATHS[path]
+    cache_class, graphs, passed, triton_gemv = TNL_PATHS[path]
     model.config.cuda_graph_decoding = graphs
+    modeling.GEMV_MAX_ROWS = tnl_kernels.GEMV_MAX_ROWS if triton_gemv else 0
     vars(model).pop("_prepare_cache_for_generation", None)  # the previous row's
     if cache_class is TransNormerLLMStaticCache and batch in reuse:
         cache = reuse[batch]

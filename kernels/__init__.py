@@ -27,6 +27,7 @@ from .linear_cross_entropy import linear_cross_entropy as _chunked_linear_cross_
 from .reference import (
     STEP_ACTIVATIONS,
     gated_srms_norm_ref,
+    gemv_ref,
     lightning_attn_chunk_ref,
     lightning_attn_parallel_ref,
     lightning_attn_recurrent_ref,
@@ -41,6 +42,8 @@ __all__ = [
     "layout_from_cu_seqlens",
     "slice_lengths",
     "gated_srms_norm",
+    "gemv",
+    "GEMV_MAX_ROWS",
     "lightning_attn",
     "lightning_attn_step",
     "lightning_attn_step_fused",
@@ -55,6 +58,7 @@ __all__ = [
     "lightning_attn_step_fused_ref",
     "srms_norm_ref",
     "gated_srms_norm_ref",
+    "gemv_ref",
     "cross_entropy_rows_ref",
 ]
 
@@ -66,7 +70,8 @@ _TRITON_MODULES: dict[str, object] = {}
 _TRITON_IMPORT_ERRORS: dict[str, str] = {}
 
 
-_TRITON_MODULE_NAMES = ("triton_lightning_attn", "triton_srms_norm", "triton_decode", "triton_cross_entropy")
+_TRITON_MODULE_NAMES = ("triton_lightning_attn", "triton_srms_norm", "triton_decode", "triton_gemv",
+                        "triton_cross_entropy")
 
 
 @torch.compiler.assume_constant_result
@@ -297,6 +302,33 @@ def gated_srms_norm(x: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6, *, b
     if resolve_backend(backend, x.device, "triton_srms_norm") == "triton":
         return _srms_norm_triton(x, gate, eps)
     return gated_srms_norm_ref(x, gate, eps)
+
+
+GEMV_MAX_ROWS = 16  # rows the Triton GEMV takes in one launch (triton_gemv.MAX_ROWS); more go to cuBLAS's GEMM
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Tensor | None = None, *,
+         backend: str = "auto") -> torch.Tensor:
+    """x @ weight^T over x's last dimension, times x @ gate_weight^T when given (the SGLU gate); math `gemv_ref`.
+
+    The Triton GEMV (both products in one pass, rounded once) runs for at most GEMV_MAX_ROWS rows of 16-bit x with
+    weights of x's dtype, contiguous, in an eager call that autograd does not record and autocast does not touch:
+    a decoding step. Anything else (training, tracing, fp32, big batches) takes `gemv_ref`, i.e. cuBLAS."""
+    if x.shape[-1] != weight.shape[-1] or (gate_weight is not None and gate_weight.shape != weight.shape):
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must match weight's (N, K) = {tuple(weight.shape)}"
+                         + ("" if gate_weight is None else f" and gate_weight's {tuple(gate_weight.shape)}"))
+    weights = (weight,) if gate_weight is None else (weight, gate_weight)
+    rows = x.numel() // max(x.shape[-1], 1)
+    takes_kernel = (
+        0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
+        and all(w.dtype == x.dtype and w.device == x.device and w.is_contiguous() for w in weights)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
+        and not torch.is_autocast_enabled(x.device.type) and not _traced(x, *weights)
+    )
+    if takes_kernel and resolve_backend(backend, x.device, "triton_gemv") == "triton":
+        out = _triton_module("triton_gemv").gemv(x.reshape(rows, x.shape[-1]), weight, gate_weight)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return gemv_ref(x, weight, gate_weight)
 
 
 def linear_cross_entropy(

@@ -386,3 +386,9 @@ def srms_norm_ref(x: Tensor, eps: float = 1e-6) -> Tensor:
 def gated_srms_norm_ref(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
     """TNL's attention output before out_proj: gate * srms_norm(x), the norm rounded to x's dtype first."""
     return gate * srms_norm_ref(x, eps)
+
+
+def gemv_ref(x: Tensor, weight: Tensor, gate_weight: Tensor | None = None) -> Tensor:
+    """x @ weight^T, times x @ gate_weight^T when given (TNL's SGLU gate l1(x) * l2(x), no activation)."""
+    out = F.linear(x, weight)
+    return out if gate_weight is None else out * F.linear(x, gate_weight)

@@ -45,11 +45,14 @@ def test_every_kernel_compiles_for_the_gpu(capability):
     # kernel name -> distinct (constexprs, options) variants compiled to a cubin
     assert set(compiled) == {"_lightning_attn_sweep_kernel", "_lightning_attn_bwd_kernel",
                              "_lightning_attn_step_kernel", "_lightning_attn_step_fused_kernel",
-                             "_srms_norm_fwd_kernel", "_srms_norm_bwd_kernel", "_cross_entropy_rows_kernel"}, compiled
+                             "_srms_norm_fwd_kernel", "_srms_norm_bwd_kernel", "_cross_entropy_rows_kernel",
+                             "_gemv_kernel"}, compiled
     assert compiled["_lightning_attn_step_kernel"] >= 4, "not every autotune config of the decode kernel compiled"
     # 4 autotune configs x (LRPE with d_k = 2 d_v and silu; d_k = d_v and sigmoid), bf16 and fp32 inputs
     assert compiled["_lightning_attn_step_fused_kernel"] >= 8, compiled
     assert compiled["_lightning_attn_sweep_kernel"] >= 10 and compiled["_lightning_attn_bwd_kernel"] >= 4, compiled
+    # the GEMV's three tile shapes (2048-row, wide, gated) and a K that its slices do not divide
+    assert compiled["_gemv_kernel"] >= 4, compiled
     if capability != 90:
         return
     launches = report["attention_launches"]
@@ -185,7 +188,7 @@ def _every_attention_launch_config(context: dict) -> None:
 
 def _compile_everything(capability: int) -> dict:
     variants, launches, context = _install_compile_only_driver(capability)
-    from transnormer_hf.kernels import triton_cross_entropy, triton_decode, triton_srms_norm
+    from transnormer_hf.kernels import triton_cross_entropy, triton_decode, triton_gemv, triton_srms_norm
 
     shapes = [(torch.bfloat16, 2, 300, 4, 128, 128), (torch.bfloat16, 2, 300, 4, 256, 128),
               (torch.float16, 1, 200, 2, 64, 64), (torch.float32, 1, 200, 2, 128, 64)]
@@ -215,6 +218,10 @@ def _compile_everything(capability: int) -> dict:
         for want_grad in (False, True):
             triton_cross_entropy._cross_entropy_rows_(torch.randn(5, 1000, dtype=dtype), torch.tensor([1, 2, -100, 4, 5]),
                                                       -100, want_grad)
+    for dtype in (torch.bfloat16, torch.float16):  # TNL-1B's decode shapes: qkvu, out, SGLU gate; an uneven K
+        for (n, k), gated in (((8192, 2048), False), ((2048, 2048), False), ((5632, 2048), True), ((300, 200), False)):
+            weight = torch.randn(n, k, dtype=dtype)
+            triton_gemv.gemv(torch.randn(3, k, dtype=dtype), weight, weight if gated else None)
     return {"variants": {name: len(found) for name, found in variants.items()}, "attention_launches": launches}
 
 

@@ -109,23 +109,23 @@ class _LateStopFlags:
         pinned = device.type == "cuda"
         self.values = [torch.zeros((), dtype=torch.bool, pin_memory=pinned) for _ in range(2)]
         self.events = [torch.cuda.Event() if pinned else None for _ in range(2)]
-        self.written: int | None = None  # the slot of the last step's flag
-        self.previous: int | None = None  # and of the step before
+        self.writes = 0  # the two slots alternate: write n goes to slot n % 2
 
     def write(self, unfinished: torch.Tensor) -> None:
-        slot = 0 if self.written != 0 else 1
+        slot = self.writes % 2
         self.values[slot].copy_(unfinished.max() == 0, non_blocking=True)
         if self.events[slot] is not None:
             self.events[slot].record()
-        self.previous, self.written = self.written, slot
+        self.writes += 1
 
     def previous_stopped(self) -> bool:
         """Whether every sequence had finished at the step before the last `write`."""
-        if self.previous is None:
+        if self.writes < 2:
             return False
-        if self.events[self.previous] is not None:
-            self.events[self.previous].synchronize()
-        return bool(self.values[self.previous])
+        slot = self.writes % 2  # that of write number writes - 2
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+        return bool(self.values[slot])
 
 
 def why_transformers_loop(model, model_kwargs: dict, generation_config, synced_gpus: bool) -> str | None:
@@ -155,7 +155,9 @@ def decode_with_cuda_graphs(model, input_ids: torch.LongTensor, logits_processor
     if generation_config.num_beams != 1:
         raise ValueError(f"decode_with_cuda_graphs runs greedy decoding and sampling (num_beams=1); got "
                          f"num_beams={generation_config.num_beams}: leave custom_generate unset for beam search")
-    if why_transformers_loop(model, model_kwargs, generation_config, synced_gpus) is not None:
+    reason = why_transformers_loop(model, model_kwargs, generation_config, synced_gpus)
+    if reason is not None:
+        logger.info_once(f"TNL decoding: transformers' loop runs this generation: {reason}")
         return type(model)._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     pad_token_id = generation_config._pad_token_tensor
@@ -193,15 +195,13 @@ def decode_with_cuda_graphs(model, input_ids: torch.LongTensor, logits_processor
         unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
-        if late_stop is None:
-            if max_length is not None and input_ids.shape[1] >= max_length or unfinished_sequences.max() == 0:
+        if late_stop is not None:
+            late_stop.write(unfinished_sequences)
+            # The previous step's flag is ready by now: the GPU is still running the step this token came from.
+            if late_stop.previous_stopped():
+                dropped = 1  # every sequence had finished before this token
                 break
-            logits = step(next_tokens)
-            continue
-        late_stop.write(unfinished_sequences)
-        # The previous step's flag is ready by now: the GPU is still running the step this token came from.
-        if late_stop.previous_stopped():
-            dropped = 1  # every sequence had finished before this token
+        elif unfinished_sequences.max() == 0:
             break
         if max_length is not None and input_ids.shape[1] >= max_length:
             break

@@ -24,9 +24,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from transnormer_hf.kernels import (
+    GEMV_MAX_ROWS,
     STEP_ACTIVATIONS,
     ContextParallelLayout,
     gated_srms_norm,
+    gemv,
     lightning_attn,
     lightning_attn_step,
     lightning_attn_step_fused,
@@ -75,6 +77,24 @@ ACTIVATIONS = {
     "sine": torch.sin,
     "none": lambda x: x,
 }
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """A bias-free nn.Linear that computes only F.linear: not a subclass or wrapper (PEFT, quantisation, FSDP2,
+    tensor parallel), no hooks of its own or global ones, no replaced `forward` (accelerate's device-map hooks)."""
+    hooks = nn.modules.module
+    return (type(module) is nn.Linear and module.bias is None and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks)
+            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks))
+
+
+def project(x: torch.Tensor, linear: nn.Module, gate: nn.Module | None = None, backend: str = "auto") -> torch.Tensor:
+    """linear(x), times gate(x) when given (the SGLU gate). A decoding step's few rows through plain layers go to
+    `kernels.gemv` (a Triton GEMV on CUDA: both gate products in one pass); everything else calls the modules."""
+    layers = (linear,) if gate is None else (linear, gate)
+    if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and all(_is_plain_linear(layer) for layer in layers):
+        return gemv(x, linear.weight, None if gate is None else gate.weight, backend=backend)
+    return linear(x) if gate is None else linear(x) * gate(x)
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -146,9 +166,11 @@ class TransNormerLLMMLP(nn.Module):
         self.l1 = nn.Linear(width, inner, bias=config.use_bias)
         self.l2 = nn.Linear(width, inner, bias=config.use_bias)
         self.l3 = nn.Linear(inner, width, bias=config.use_bias)
+        self.backend = config.attention_backend
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.l3(self.l1(hidden_states) * self.l2(hidden_states))
+        gated = project(hidden_states, self.l1, self.l2, self.backend)
+        return project(gated, self.l3, backend=self.backend)
 
 
 class TransNormerLLMAttention(nn.Module):
@@ -196,7 +218,7 @@ class TransNormerLLMAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`state_in_place`: a one-token step may write the new state into `state` (the static cache's)."""
         batch, length, _ = hidden_states.shape
-        q, k, v, u = self.qkvu_proj(hidden_states).chunk(4, dim=-1)
+        q, k, v, u = project(hidden_states, self.qkvu_proj, backend=self.backend).chunk(4, dim=-1)
         q, k, v = (x.view(batch, length, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, N, H, D)
         one_position = positions.numel() == 1  # rows of a gathered-mask cache keep their own positions
         if (state is not None and length == 1 and cu_seqlens is None and padding_mask is None and one_position
@@ -246,7 +268,7 @@ class TransNormerLLMAttention(nn.Module):
             gated = gated_srms_norm(out, u, self.norm.eps, backend=self.norm.backend)
         else:
             gated = u * self.norm(out)
-        return self.out_proj(gated)
+        return project(gated, self.out_proj, backend=self.backend)
 
     def _norm_fp32(self, out: torch.Tensor) -> torch.Tensor:
         """The output norm of an fp32 `out`, in fp32 (a LayerNorm's fp16 parameters are upcast for it)."""
@@ -588,7 +610,7 @@ class TransNormerLLMForCausalLM(TransNormerLLMPreTrainedModel, GenerationMixin):
             loss = self._chunked_loss(hidden_states, labels, **kwargs)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, keep])
+            logits = project(hidden_states[:, keep], self.lm_head, backend=self.config.attention_backend)
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(

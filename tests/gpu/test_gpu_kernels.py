@@ -254,3 +254,37 @@ def test_norm_forward_backward(gated, preset, dtype):
     for name, out, twin, exact in zip(("y", "dx", "dgate"), got, baseline, truth):
         assert out.dtype == dtype, f"{name}: {out.dtype}"
         assert_close_to_ref(f"{preset} {name}", out, exact, twin, slack=SLACK[dtype])
+
+
+def _decode_projections(preset: str) -> dict[str, tuple[int, int, bool]]:
+    """name -> (N, K, gated) of every linear layer a decoding step of `preset` runs (tiny in the dry run)."""
+    from transnormer_hf import TransNormerLLMConfig
+
+    config = TransNormerLLMConfig(**PRESET_FIELDS[preset])
+    hidden, inner, mlp, vocab = (config.hidden_size, config.attention_hidden_size, config.intermediate_size,
+                                 config.vocab_size)
+    if DRY:
+        hidden, inner, mlp, vocab = 48, 32, 80, 100
+    return {"qkvu": (4 * inner, hidden, False), "out": (hidden, inner, False), "l1*l2": (mlp, hidden, True),
+            "l3": (hidden, mlp, False), "lm_head": (vocab, hidden, False)}
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_name)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_gemv(preset, dtype, rows):
+    """The few-row Triton GEMV of a decoding step at the preset's projections, gated l1 * l2 included, against the
+    float64 truth with cuBLAS (F.linear in the dtype) as the baseline."""
+    from transnormer_hf.kernels import gemv, gemv_ref
+
+    generator = torch.Generator(DEVICE).manual_seed(rows)
+    for name, (n, k, gated) in _decode_projections(preset).items():
+        x = representable(torch.randn(rows, k, generator=generator, device=DEVICE))
+        weight, gate = (representable(torch.randn(n, k, generator=generator, device=DEVICE) / k**0.5)
+                        for _ in range(2))
+        gate = gate if gated else None
+        out = gemv(x.to(dtype), weight.to(dtype), None if gate is None else gate.to(dtype), backend="triton")
+        baseline = gemv_ref(x.to(dtype), weight.to(dtype), None if gate is None else gate.to(dtype))
+        truth = gemv_ref(x.double(), weight.double(), None if gate is None else gate.double())
+        assert out.dtype == dtype and out.shape == (rows, n)
+        assert_close_to_ref(f"{preset} {name} rows={rows}", out, truth, baseline, slack=SLACK[dtype])

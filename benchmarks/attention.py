@@ -233,7 +233,7 @@ def sweep_launch_configs(shapes, configs):
     default = module._launch_config
     rows = []
     for block_c, num_warps, num_stages in configs:
-        def patched(dim_a, dim_c, dtype, device, unsplit_forward=False, *, _c=block_c, _w=num_warps, _s=num_stages):
+        def patched(dim_a, dim_c, dtype, device, _c=block_c, _w=num_warps, _s=num_stages):
             return default(dim_a, dim_c, dtype, device)[0], _c, _w, _s
         module._launch_config = patched
         for shape in shapes:

@@ -241,24 +241,17 @@ def _shared_memory_estimate(block_a: int, block_c: int, num_stages: int, itemsiz
 
 
 @functools.lru_cache(maxsize=None)  # triton's next_power_of_2 costs microseconds on the host, per call
-def _launch_config(dim_a: int, dim_c: int, dtype: torch.dtype, device: torch.device,
-                   unsplit_forward: bool = False) -> tuple[int, int, int, int]:
+def _launch_config(dim_a: int, dim_c: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_A, BLOCK_C, num_warps, num_stages): the whole a/b width in one tile, the c width in slices.
 
     Measured on an H100 (benchmarks/results/attention_h100_8warps.json, "launch_configs"): at d = 128,
     4 warps run forward+backward 1.7x faster than 8; at d_k = 256, 8 warps and 3 stages were best (bf16).
-    `unsplit_forward` (the forward sweep when it is not split): for heads up to 128 wide, 32-wide c slices and
-    3 stages, which double the grid and hide more of the loads; on an H200 (benchmarks/results/
-    attention_tuning_h200.json) the forward ran 2.3x faster at B=2, H=8, 8K and 2-4% faster on grid A's full
-    grids, while the gradient sweeps ran slower so. The plan to split is made with the default config.
     Chosen before launch to fit the device's shared memory: fewer pipeline stages first, then narrower c
     slices (fp32 and fp16, computed in fp32, at d = 256 on an H100: 1 stage; bf16 keeps the tuned configs).
     """
     block_a = max(16, triton.next_power_of_2(dim_a))
     block_c = max(16, min(64, triton.next_power_of_2(dim_c)))
     num_warps, num_stages = (4, 2) if block_a <= 128 else (8, 3)
-    if unsplit_forward and block_a <= 128:
-        block_c, num_stages = min(block_c, 32), 3
     itemsize, limit = _tile_itemsize(dtype), _shared_memory_limit(device)
     while num_stages > 1 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
         num_stages -= 1
@@ -406,11 +399,11 @@ def _carry_states(partial: torch.Tensor, plan: _SegmentPlan, state_in: torch.Ten
 
 
 def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_len, num_seqs, scales,
-                  reverse, store_out, precision, unsplit_forward=False):
+                  reverse, store_out, precision):
     """One launch over (c slices, sequences, heads). States are fp32 (seqs, H, dim_a, dim_c) views of any
     strides; `seq_bounds` is (starts, ends) of each sequence, or None for num_seqs runs of seq_len tokens."""
     heads, dim_a, dim_c = a.shape[-2], a.shape[-1], c.shape[-1]
-    block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c, a.dtype, a.device, unsplit_forward)
+    block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c, a.dtype, a.device)
     seq_starts, seq_ends = seq_bounds if seq_bounds is not None else (None, None)
     c_slices = -(-dim_c // block_c)
     _lightning_attn_sweep_kernel[(c_slices, num_seqs, heads)](
@@ -501,7 +494,7 @@ def _plan_sweep(a: torch.Tensor, c: torch.Tensor, sequences: _Sequences, reverse
 
 
 def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences, *, scales, reverse,
-           transpose_state, precision, entry_states=None, forward=False):
+           transpose_state, precision, entry_states=None):
     """Compute `out` (and `state_out`) of one sweep, split into segments when `plan` is not None. States are
     (seqs, H, d_k, d_v) fp32; `transpose_state` reads/writes them as (seqs, H, d_v, d_k) for the dq/dk sweeps.
 
@@ -511,7 +504,6 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences
     sweeps the segments again from those states and writes `out`. The extra memory is two fp32 states per
     segment. Returns the states entering the segments (kernel orientation), or None without a split; given
     as `entry_states`, they replace pass 1 and the carry (the dk sweep reuses the dv sweep's, transposed).
-    `forward`: this is the forward sweep (o), whose unsplit launch has a config of its own (`_launch_config`).
     """
     if transpose_state:  # the kernel's (dim_a, dim_c) = (d_v, d_k): swap strides, not data
         state_in, state_out = (s.transpose(-1, -2) if s is not None else None for s in (state_in, state_out))
@@ -519,7 +511,7 @@ def _sweep(a, b, c, out, rates, state_in, state_out, cu_seqlens, plan, sequences
         seq_bounds = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else None
         _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, seq_len=sequences.seq_len,
                       num_seqs=sequences.num_seqs, scales=scales, reverse=reverse, store_out=True,
-                      precision=precision, unsplit_forward=forward)
+                      precision=precision)
         return None
     sweep = functools.partial(_launch_sweep, a, b, c, out, rates, seq_len=0, scales=scales, reverse=reverse,
                               precision=precision)
@@ -563,7 +555,7 @@ def _lightning_attn_fwd(q, k, v, decay_rates, scale, initial_state, output_final
     plan = _plan_sweep(q, v_flat, sequences, reverse=False, with_exits=output_final_state)
     _sweep(q, k, v_flat, o.view(v_flat.shape), decay_rates, initial_state,
            final_state if output_final_state else None, cu_seqlens, plan, sequences,
-           scales=(scale, scale, 1.0), reverse=False, transpose_state=False, precision=precision, forward=True)
+           scales=(scale, scale, 1.0), reverse=False, transpose_state=False, precision=precision)
     return o, final_state
 
 

@@ -7,7 +7,9 @@ program BLOCK_N weight rows, walks K in BLOCK_K slices with a deep load pipeline
 (zero-padded to 16, the smallest tensor-core tile) on the tensor cores, accumulating in fp32. The gated variant
 reads the SGLU's two weights in one pass and multiplies the two products before rounding once, which also
 saves the elementwise kernel between them. Launch settings were measured on an H200 (benchmarks/results/
-gemv_h200.json): narrow row blocks for 2048-row weights (more programs), wide ones for the rest.
+gemv_h200_probe.json, a probe of this kernel; `benchmarks/gemv.py` sweeps the same on this module): narrow row
+blocks for 2048-row weights (more programs), wide ones for the rest. The gain over cuBLAS is 5-10% per product
+(lm_head reaches the copy bandwidth); the small weights stay bound by each kernel's start and tail.
 
 The math is `reference.gemv_ref`; `kernels.gemv` decides when this kernel runs (16-bit, few rows, eager).
 """
@@ -70,7 +72,7 @@ _SHARED_MEMORY_OFF_CUDA = 232448  # an H100/H200's opt-in maximum per block: the
 def _launch_config(n: int, k: int, gated: bool, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages), with the pipeline made shallower until it fits shared memory.
 
-    H200, bf16 (gemv_h200.json): 2048-row weights ran best with 16-row blocks and 512-wide K slices (128 programs
+    H200, bf16 (gemv_h200_probe.json): 2048-row weights ran best with 16-row blocks and 512-wide K slices (128 programs
     instead of 32), wider weights with 64 x 256 tiles; 4 warps and 3-4 stages throughout. The gated variant loads
     two weight tiles per slice, so it takes 32-row blocks."""
     block_n, block_k = (16, 512) if n <= 4096 else ((32, 256) if gated else (64, 256))

@@ -40,8 +40,8 @@ from transnormer_hf.kernels import (
 from .cache_transnormer import CACHE_FIELD, TransNormerLLMCache, TransNormerLLMStaticCache
 from .configuration_transnormer import TransNormerLLMConfig
 from .context_parallel import forward_layout
-from .decoding_transnormer import decode_with_cuda_graphs, takes_graph_decoding
 from .context_parallel import loss_kwargs as context_parallel_loss_kwargs
+from .decoding_transnormer import decode_with_cuda_graphs, takes_graph_decoding
 
 # ---- transformers version shim (5.17-5.23: `past_key_values`; 5.24+: `cache`, the name in CACHE_FIELD)
 def _merge_cache_kwargs(cache: object, past_key_values: object) -> TransNormerLLMCache | None:

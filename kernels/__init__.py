@@ -304,7 +304,7 @@ def gated_srms_norm(x: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6, *, b
     return gated_srms_norm_ref(x, gate, eps)
 
 
-GEMV_MAX_ROWS = 16  # rows the Triton GEMV takes in one launch (triton_gemv.MAX_ROWS); more go to cuBLAS's GEMM
+GEMV_MAX_ROWS = 16  # rows the Triton GEMV takes in one launch (its tensor-core tile's height); more go to cuBLAS
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Tensor | None = None, *,

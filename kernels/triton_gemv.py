@@ -1,14 +1,14 @@
 """Products x W^T of a few rows (decoding), in Triton: y = x W^T, or the SGLU gate y = (x W^T) * (x G^T).
 
 While decoding, every linear layer is a matrix-vector product (GEMV): a handful of rows meet a (N, K) weight that
-is read once per token, so the layer is bound by the weight's bytes. cuBLAS reaches 50-60% of the H200's copy
-bandwidth on TNL-1B's 8-33 MB weights; most of the rest is each kernel's start and tail. This kernel gives each
+is read once per token, so the layer is bound by the weight's bytes. cuBLAS reaches a third to three quarters of the
+H200's copy bandwidth on TNL-1B's 8-33 MB weights; most of the rest is each kernel's start and tail. This kernel gives each
 program BLOCK_N weight rows, walks K in BLOCK_K slices with a deep load pipeline and multiplies the rows of x
 (zero-padded to 16, the smallest tensor-core tile) on the tensor cores, accumulating in fp32. The gated variant
 reads the SGLU's two weights in one pass and multiplies the two products before rounding once, which also
 saves the elementwise kernel between them. Launch settings were measured on an H200 (benchmarks/results/
 gemv_h200_probe.json, a probe of this kernel; `benchmarks/gemv.py` sweeps the same on this module): narrow row
-blocks for 2048-row weights (more programs), wide ones for the rest. The gain over cuBLAS is 5-10% per product
+blocks for 2048-row weights (more programs), wide ones for the rest. The gain over cuBLAS is 2-10% per product
 (lm_head reaches the copy bandwidth); the small weights stay bound by each kernel's start and tail.
 
 The math is `reference.gemv_ref`; `kernels.gemv` decides when this kernel runs (16-bit, few rows, eager).
@@ -25,7 +25,6 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_ROWS = 16  # rows of x one launch takes: the tensor-core tile's height
 
 
 @triton.jit
@@ -86,9 +85,9 @@ def _launch_config(n: int, k: int, gated: bool, itemsize: int, device: torch.dev
 
 
 def gemv(x: Tensor, weight: Tensor, gate_weight: Tensor | None = None) -> Tensor:
-    """x (rows <= MAX_ROWS, K) @ weight (N, K)^T, times x @ gate_weight^T when given; x's dtype, fp32 accumulation.
+    """x (rows, K) @ weight (N, K)^T, times x @ gate_weight^T when given, in x's dtype with fp32 accumulation.
 
-    x's last dimension and the weights must be contiguous (checked by `kernels.gemv`)."""
+    At most 16 rows (one tensor-core tile); x's last dimension and the weights contiguous (`kernels.gemv` checks)."""
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty(rows, n, device=x.device, dtype=x.dtype)

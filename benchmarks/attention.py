@@ -15,6 +15,7 @@ kernel (fp32 and bf16, states, varlen) and every anchor's accuracy against a flo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -225,26 +226,34 @@ def kernel_checks():
     return rows
 
 
-def sweep_launch_configs(shapes, configs):
-    """Time ours under other (BLOCK_C, num_warps, num_stages) launch settings, all sweeps alike."""
+@contextlib.contextmanager
+def launch_config_as(block_c: int, num_warps: int, num_stages: int):
+    """Every sweep of our kernel launched with these settings inside the block (BLOCK_A stays the head width's)."""
     import importlib
 
     module = importlib.import_module("transnormer_hf.kernels.triton_lightning_attn")
     default = module._launch_config
+    module._launch_config = lambda dim_a, dim_c, dtype, device, *_: (
+        default(dim_a, dim_c, dtype, device)[0], block_c, num_warps, num_stages)
+    try:
+        yield
+    finally:
+        module._launch_config = default
+
+
+def sweep_launch_configs(shapes, configs):
+    """Time ours under other (BLOCK_C, num_warps, num_stages) launch settings, all sweeps alike."""
     rows = []
     for block_c, num_warps, num_stages in configs:
-        def patched(dim_a, dim_c, dtype, device, _c=block_c, _w=num_warps, _s=num_stages):
-            return default(dim_a, dim_c, dtype, device)[0], _c, _w, _s
-        module._launch_config = patched
-        for shape in shapes:
-            try:
-                result = time_impl("ours", *shape)
-            except Exception as error:
-                result = {"error": repr(error)[:200]}
-            rows.append({"shape": shape, "BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages,
-                         **result})
-            print(rows[-1], flush=True)
-    module._launch_config = default
+        with launch_config_as(block_c, num_warps, num_stages):
+            for shape in shapes:
+                try:
+                    result = time_impl("ours", *shape)
+                except Exception as error:
+                    result = {"error": repr(error)[:200]}
+                rows.append({"shape": shape, "BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages,
+                             **result})
+                print(rows[-1], flush=True)
     return rows
 
 

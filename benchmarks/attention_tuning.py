@@ -54,21 +54,19 @@ def short_forward_errors(configs, lengths, heads: int = 16, dim: int = 128, devi
 
     from transnormer_hf.kernels import lightning_attn, lightning_attn_chunk_ref
 
-    default = kernel._launch_config
     rates = attention.tnl_decay_rates(heads, layer=23).to(device)  # the last layer: lambda ~ 1
     rows = []
     for config in configs:
-        kernel._launch_config = lambda dim_a, dim_c, dtype, device, *_, _config=config: (
-            default(dim_a, dim_c, dtype, device)[0], *_config)
-        for length in lengths:
-            generator = torch.Generator(device=device).manual_seed(length)
-            q, k, v = (torch.randn(2, length, heads, dim, device=device, generator=generator).bfloat16()
-                       for _ in range(3))
-            out = lightning_attn(q, k, v, rates, backend="triton")[0].double()
-            truth = lightning_attn_chunk_ref(q.double(), k.double(), v.double(), rates.double())[0]
-            rows.append({"config": config, "length": length, "rel_err": ((out - truth).norm() / truth.norm()).item()})
-            print(rows[-1], flush=True)
-    kernel._launch_config = default
+        with attention.launch_config_as(*config):
+            for length in lengths:
+                generator = torch.Generator(device=device).manual_seed(length)
+                q, k, v = (torch.randn(2, length, heads, dim, device=device, generator=generator).bfloat16()
+                           for _ in range(3))
+                out = lightning_attn(q, k, v, rates, backend="triton")[0].double()
+                truth = lightning_attn_chunk_ref(q.double(), k.double(), v.double(), rates.double())[0]
+                rows.append({"config": config, "length": length,
+                             "rel_err": ((out - truth).norm() / truth.norm()).item()})
+                print(rows[-1], flush=True)
     return rows
 
 

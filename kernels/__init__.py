@@ -354,3 +354,30 @@ def linear_cross_entropy(
         hidden, weight, labels, chunk_size=chunk_size, ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch, rows_fn=rows_fn,
     )
+
+
+def _hand_over_to_the_hub_package() -> None:
+    """Load the Hugging Face `kernels` package in place of this folder imported under that top-level name.
+
+    Python puts the working directory on sys.path for `python -m ...` and `python -c`; run from a checkout's root,
+    `import kernels` (which transformers >= 5.25 does on import) then finds this folder instead of that package.
+    An import returns what sys.modules holds once the module's code has run, so replacing the entry hands over."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    checkout = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
+    search = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != checkout]
+    for name in [name for name in sys.modules if name.startswith("kernels.")]:
+        del sys.modules[name]  # this folder's modules, imported above under the borrowed name
+    spec = importlib.machinery.PathFinder.find_spec("kernels", search)
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (the kernels/ folder of this checkout is "
+                                  "transnormer_hf.kernels, not the Hugging Face package)", name="kernels")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = package
+    spec.loader.exec_module(package)
+
+
+if __name__ == "kernels":
+    _hand_over_to_the_hub_package()

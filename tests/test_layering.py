@@ -68,7 +68,25 @@ def test_kernels_are_installed_inside_the_package_namespace(tmp_path):
     assert Path(kernels.__file__).resolve().parent == REPO / "kernels"
     probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert str(REPO) not in found.stdout, f"a top-level `kernels` resolves to this repository: {found.stdout}"
+    origin = found.stdout.strip()  # None, or the Hugging Face package (which may sit in a venv inside the checkout)
+    assert not Path(origin).resolve().is_relative_to(REPO / "kernels"), f"a top-level `kernels` is ours: {origin}"
+
+
+def test_run_from_the_checkouts_root_import_kernels_gets_the_hub_package_or_none(tmp_path):
+    """`python -c` / `python -m` in the repository root put it on sys.path, where the kernels/ folder would shadow
+    the Hugging Face `kernels` package (transformers >= 5.25 imports it, so every import of transformers failed)."""
+    import subprocess
+
+    probe = ("import sys, kernels, transformers.modeling_utils, transnormer_hf\n"
+             "print(kernels.__file__, [m for m in sys.modules if m.startswith('kernels.reference')])")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    hub_package_installed = subprocess.run([sys.executable, "-c", "import kernels"], cwd=tmp_path).returncode == 0
+    if hub_package_installed:
+        assert run.returncode == 0, run.stderr[-2000:]
+        origin, leftovers = run.stdout.split(" ", 1)
+        assert not Path(origin).resolve().is_relative_to(REPO / "kernels") and leftovers.strip() == "[]", run.stdout
+    else:
+        assert "No module named 'kernels'" in run.stderr, run.stderr[-2000:]
 
 
 # ---- the package's own import graph: no cycle, and the CLI dispatcher imported by nobody

@@ -357,23 +357,24 @@ def linear_cross_entropy(
 
 
 def _hand_over_to_the_hub_package() -> None:
-    """Load the Hugging Face `kernels` package in place of this folder imported under that top-level name.
+    """Load the Hugging Face `kernels` package, where installed, in place of this folder imported under that name.
 
     Python puts the working directory on sys.path for `python -m ...` and `python -c`; run from a checkout's root,
     `import kernels` (which transformers >= 5.25 does on import) then finds this folder instead of that package.
-    An import returns what sys.modules holds once the module's code has run, so replacing the entry hands over."""
+    An import returns what sys.modules holds once the module's code has run, so replacing the entry hands over.
+    Without that package this folder stays what Python found (transformers sees a `kernels` of no version and
+    leaves it alone)."""
     import importlib.machinery
     import importlib.util
     import sys
 
     checkout = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
     search = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != checkout]
-    for name in [name for name in sys.modules if name.startswith("kernels.")]:
-        del sys.modules[name]  # this folder's modules, imported above under the borrowed name
     spec = importlib.machinery.PathFinder.find_spec("kernels", search)
     if spec is None:
-        raise ModuleNotFoundError("No module named 'kernels' (the kernels/ folder of this checkout is "
-                                  "transnormer_hf.kernels, not the Hugging Face package)", name="kernels")
+        return
+    for name in [name for name in sys.modules if name.startswith("kernels.")]:
+        del sys.modules[name]  # this folder's modules, imported above under the borrowed name
     package = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = package
     spec.loader.exec_module(package)

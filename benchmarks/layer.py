@@ -26,8 +26,12 @@ from transnormer_hf import modeling_transnormer as modeling
 
 
 def _fla_attention(q, k, v, decay_rates, *, scale=1.0, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, backend="auto"):
+                   cu_seqlens=None, output_dtype=None, backend="auto", context_parallel=None):
+    """fla's chunk_simple_gla in the place of `kernels.lightning_attn` (bf16 layers: no fp32 output, one GPU)."""
     from fla.ops.simple_gla import chunk_simple_gla
+
+    if output_dtype not in (None, q.dtype) or context_parallel is not None:
+        raise ValueError("the fla stand-in takes neither output_dtype nor context_parallel")
 
     return chunk_simple_gla(q, k, v, g_gamma=-decay_rates, scale=scale, initial_state=initial_state,
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -308,27 +308,35 @@ GEMV_MAX_ROWS = 16  # rows the Triton GEMV takes in one launch (its tensor-core 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Tensor | None = None, *,
-         backend: str = "auto") -> torch.Tensor:
-    """x @ weight^T over x's last dimension, times x @ gate_weight^T when given (the SGLU gate); math `gemv_ref`.
+         residual: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """x @ weight^T over x's last dimension, times x @ gate_weight^T when given (the SGLU gate), plus `residual`
+    (x's leading shape by N) when given; math `gemv_ref`.
 
-    The Triton GEMV (both products in one pass, rounded once) runs for at most GEMV_MAX_ROWS rows of 16-bit x with
-    weights of x's dtype, contiguous, in an eager call that autograd does not record and autocast does not touch:
-    a decoding step. Anything else (training, tracing, fp32, big batches) takes `gemv_ref`, i.e. cuBLAS."""
+    The Triton GEMV (the products and the residual in one pass, rounded once) runs for at most GEMV_MAX_ROWS rows of
+    16-bit x with weights and residual of x's dtype, contiguous, in an eager call that autograd does not record and
+    autocast does not touch: a decoding step. Anything else (training, tracing, fp32, big batches) takes `gemv_ref`,
+    i.e. cuBLAS."""
     if x.shape[-1] != weight.shape[-1] or (gate_weight is not None and gate_weight.shape != weight.shape):
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must match weight's (N, K) = {tuple(weight.shape)}"
                          + ("" if gate_weight is None else f" and gate_weight's {tuple(gate_weight.shape)}"))
-    weights = (weight,) if gate_weight is None else (weight, gate_weight)
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual must have the output's shape {out_shape} (x's leading dimensions by weight's N); "
+                         f"got {tuple(residual.shape)}")
+    operands = (x, weight) + tuple(t for t in (gate_weight, residual) if t is not None)
     rows = x.numel() // max(x.shape[-1], 1)
     takes_kernel = (
         0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
-        and all(w.dtype == x.dtype and w.device == x.device and w.is_contiguous() for w in weights)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
-        and not torch.is_autocast_enabled(x.device.type) and not _traced(x, *weights)
+        and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() for t in operands[1:])
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
+        and not torch.is_autocast_enabled(x.device.type) and not _traced(*operands)
     )
     if takes_kernel and resolve_backend(backend, x.device, "triton_gemv") == "triton":
-        out = _triton_module("triton_gemv").gemv(x.reshape(rows, x.shape[-1]), weight, gate_weight)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    return gemv_ref(x, weight, gate_weight)
+        out = _triton_module("triton_gemv").gemv(
+            x.reshape(rows, x.shape[-1]), weight, gate_weight,
+            None if residual is None else residual.view(rows, weight.shape[0]))
+        return out.view(out_shape)
+    return gemv_ref(x, weight, gate_weight, residual)
 
 
 def linear_cross_entropy(

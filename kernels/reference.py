@@ -388,7 +388,9 @@ def gated_srms_norm_ref(x: Tensor, gate: Tensor, eps: float = 1e-6) -> Tensor:
     return gate * srms_norm_ref(x, eps)
 
 
-def gemv_ref(x: Tensor, weight: Tensor, gate_weight: Tensor | None = None) -> Tensor:
-    """x @ weight^T, times x @ gate_weight^T when given (TNL's SGLU gate l1(x) * l2(x), no activation)."""
+def gemv_ref(x: Tensor, weight: Tensor, gate_weight: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """x @ weight^T, times x @ gate_weight^T when given (TNL's SGLU gate l1(x) * l2(x), no activation), plus
+    `residual` when given (the decoder layer's skip connection)."""
     out = F.linear(x, weight)
-    return out if gate_weight is None else out * F.linear(x, gate_weight)
+    out = out if gate_weight is None else out * F.linear(x, gate_weight)
+    return out if residual is None else residual + out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_device import on_device
+
 Tensor = torch.Tensor
 
 
@@ -63,10 +65,11 @@ def _cross_entropy_rows_(logits: Tensor, labels: Tensor, ignore_index: int, want
     row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows > 0:
         block = min(4096, triton.next_power_of_2(vocab_size))
-        _cross_entropy_rows_kernel[(rows,)](
-            logits, labels, row_loss, logits.stride(0), vocab_size, ignore_index,
-            WANT_GRAD=want_grad, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
-        )
+        with on_device(logits):
+            _cross_entropy_rows_kernel[(rows,)](
+                logits, labels, row_loss, logits.stride(0), vocab_size, ignore_index,
+                WANT_GRAD=want_grad, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+            )
     return row_loss
 
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_device import on_device
+
 Tensor = torch.Tensor
 
 # Value-slice widths and warps tried by both decode kernels (one program per (batch, head, value slice)).
@@ -159,13 +161,14 @@ def _lightning_attn_step(
     out_rows = out[:, 0]  # (B, H, d_v)
     if batch > 0:
         grid = lambda meta: (batch * heads, triton.cdiv(value_dim, meta["BLOCK_V"]))  # noqa: E731
-        _lightning_attn_step_kernel[grid](
-            q_rows, k_rows, v_rows, decay_rates.contiguous(), state, new_state, out_rows,
-            q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1),
-            v_rows.stride(0), v_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
-            heads, batch * heads, scale,
-            KEY_DIM=key_dim, VALUE_DIM=value_dim, BLOCK_K=min(64, triton.next_power_of_2(key_dim)),
-        )
+        with on_device(q):
+            _lightning_attn_step_kernel[grid](
+                q_rows, k_rows, v_rows, decay_rates.contiguous(), state, new_state, out_rows,
+                q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1),
+                v_rows.stride(0), v_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
+                heads, batch * heads, scale,
+                KEY_DIM=key_dim, VALUE_DIM=value_dim, BLOCK_K=min(64, triton.next_power_of_2(key_dim)),
+            )
     return out, new_state
 
 
@@ -219,15 +222,16 @@ def _lightning_attn_step_fused(
     theta_rows = theta.reshape(heads, head_dim).contiguous() if lrpe else decay_rates  # (H, D); unread without LRPE
     if batch > 0:
         grid = lambda meta: (batch * heads, triton.cdiv(value_dim, meta["BLOCK_V"]))  # noqa: E731
-        _lightning_attn_step_fused_kernel[grid](
-            q_rows, k_rows, v_rows, decay_rates.contiguous(), theta_rows, position if lrpe else decay_rates,
-            state, new_state, out_rows,
-            q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1),
-            v_rows.stride(0), v_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
-            heads, batch * heads, scale,
-            HEAD_DIM=head_dim, KEY_DIM=key_dim, VALUE_DIM=value_dim,
-            BLOCK_K=min(64, triton.next_power_of_2(key_dim)), ACTIVATION=activation, HAS_LRPE=lrpe,
-        )
+        with on_device(q):
+            _lightning_attn_step_fused_kernel[grid](
+                q_rows, k_rows, v_rows, decay_rates.contiguous(), theta_rows, position if lrpe else decay_rates,
+                state, new_state, out_rows,
+                q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1),
+                v_rows.stride(0), v_rows.stride(1), out_rows.stride(0), out_rows.stride(1),
+                heads, batch * heads, scale,
+                HEAD_DIM=head_dim, KEY_DIM=key_dim, VALUE_DIM=value_dim,
+                BLOCK_K=min(64, triton.next_power_of_2(key_dim)), ACTIVATION=activation, HAS_LRPE=lrpe,
+            )
     return out, new_state
 
 

@@ -1,4 +1,4 @@
-"""Products x W^T of a few rows (decoding), in Triton: y = x W^T, or the SGLU gate y = (x W^T) * (x G^T).
+"""Products x W^T of a few rows (decoding), in Triton: y = x W^T or the SGLU gate y = (x W^T) * (x G^T), plus a residual.
 
 While decoding, every linear layer is a matrix-vector product (GEMV): a handful of rows meet a (N, K) weight that
 is read once per token, so the layer is bound by the weight's bytes. cuBLAS reaches a third to three quarters of the
@@ -6,8 +6,9 @@ H200's copy bandwidth on TNL-1B's 8-33 MB weights; most of the rest is each kern
 program BLOCK_N weight rows, walks K in BLOCK_K slices with a deep load pipeline and multiplies the rows of x
 (zero-padded to 16, the smallest tensor-core tile) on the tensor cores, accumulating in fp32. The gated variant
 reads the SGLU's two weights in one pass and multiplies the two products before rounding once, which also
-saves the elementwise kernel between them. Launch settings were measured on an H200 (benchmarks/results/
-gemv_h200_probe.json, a probe of this kernel; `benchmarks/gemv.py` sweeps the same on this module): narrow row
+saves the elementwise kernel between them; a residual (the decoder layer's skip connection) is added the same way,
+saving the elementwise add after out_proj and l3. Launch settings were measured on an H200 (`benchmarks/gemv.py`,
+benchmarks/results/gemv_h200.json): narrow row
 blocks for 2048-row weights (more programs), wide ones for the rest. The gain over cuBLAS is 2-10% per product
 (lm_head reaches the copy bandwidth); the small weights stay bound by each kernel's start and tail.
 
@@ -22,6 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .triton_device import on_device, shared_memory_limit
 
 Tensor = torch.Tensor
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -42,11 +45,12 @@ def _load_rows(base, o_r, m_r, row_stride, o_k, k, EVEN_K: tl.constexpr, UPCAST:
 
 @triton.jit
 def _gemv_kernel(
-    X, W, G, Y, rows, n, k, stride_x, stride_y,
-    GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    X, W, G, R, Y, rows, n, k, stride_x, stride_r, stride_y,
+    GATED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Y[:, n-block] = X W[n-block]^T (times X G[n-block]^T when GATED); W and G are (n, k) row-major."""
+    """Y[:, n-block] = X W[n-block]^T (times X G[n-block]^T when GATED, plus R[:, n-block] when HAS_RESIDUAL);
+    W and G are (n, k) row-major."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_m = tl.arange(0, 16)
     m_n = o_n < n
@@ -61,41 +65,44 @@ def _gemv_kernel(
             acc_gate = tl.dot(b_x, tl.trans(_load_rows(G, o_n, m_n, k, o_k, k, EVEN_K, UPCAST)), acc_gate)
     if GATED:
         acc = acc * acc_gate
-    tl.store(Y + o_m[:, None] * stride_y + o_n[None, :], acc.to(Y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
-
-
-_SHARED_MEMORY_OFF_CUDA = 232448  # an H100/H200's opt-in maximum per block: the interpreter and the compile test
+    m_y = m_m[:, None] & m_n[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(R + o_m[:, None] * stride_r + o_n[None, :], mask=m_y, other=0.0).to(tl.float32)
+    tl.store(Y + o_m[:, None] * stride_y + o_n[None, :], acc.to(Y.dtype.element_ty), mask=m_y)
 
 
 @functools.lru_cache(maxsize=None)
 def _launch_config(n: int, k: int, gated: bool, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages), with the pipeline made shallower until it fits shared memory.
 
-    H200, bf16 (gemv_h200_probe.json): 2048-row weights ran best with 16-row blocks and 512-wide K slices (128 programs
+    H200, bf16 (gemv_h200.json): 2048-row weights ran best with 16-row blocks and 512-wide K slices (128 programs
     instead of 32), wider weights with 64 x 256 tiles; 4 warps and 3-4 stages throughout. The gated variant loads
-    two weight tiles per slice, so it takes 32-row blocks."""
-    block_n, block_k = (16, 512) if n <= 4096 else ((32, 256) if gated else (64, 256))
+    two weight tiles per slice, so it takes 128-wide slices (TNL-1B's l1 * l2: 13.4 us against 16.0 with 32 x 256)."""
+    block_n, block_k = (16, 512) if n <= 4096 else ((64, 128) if gated else (64, 256))
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    limit = (torch.cuda.get_device_properties(device).shared_memory_per_block_optin if device.type == "cuda"
-             else _SHARED_MEMORY_OFF_CUDA)
+    limit = shared_memory_limit(device)
     num_stages = 4
     while num_stages > 1 and num_stages * block_k * itemsize * (16 + (2 if gated else 1) * block_n) > limit:
         num_stages -= 1
     return block_n, block_k, 4, num_stages
 
 
-def gemv(x: Tensor, weight: Tensor, gate_weight: Tensor | None = None) -> Tensor:
-    """x (rows, K) @ weight (N, K)^T, times x @ gate_weight^T when given, in x's dtype with fp32 accumulation.
+def gemv(x: Tensor, weight: Tensor, gate_weight: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """x (rows, K) @ weight (N, K)^T, times x @ gate_weight^T when given, plus residual (rows, N) when given, in x's
+    dtype with fp32 accumulation and one rounding.
 
-    At most 16 rows (one tensor-core tile); x's last dimension and the weights contiguous (`kernels.gemv` checks)."""
+    At most 16 rows (one tensor-core tile); x's last dimension, the weights and the residual's rows contiguous
+    (`kernels.gemv` checks)."""
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     itemsize = 4 if _INTERPRET else x.element_size()
     block_n, block_k, num_warps, num_stages = _launch_config(n, k, gate_weight is not None, itemsize, x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, gate_weight if gate_weight is not None else weight, y, rows, n, k, x.stride(0), y.stride(0),
-        GATED=gate_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, UPCAST=_INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device(x):
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, gate_weight if gate_weight is not None else weight, residual if residual is not None else y, y,
+            rows, n, k, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+            GATED=gate_weight is not None, HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            EVEN_K=k % block_k == 0, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages,
+        )
     return y

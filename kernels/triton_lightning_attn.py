@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_device import on_device, shared_memory_limit
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_SIZE = 64
 
@@ -220,17 +222,6 @@ def fp32_dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-_SHARED_MEMORY_OFF_CUDA = 232448  # bytes a block may use on an H100/H200: the interpreter and the sm_90 compile test
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory one program may use on `device` (the opt-in maximum per block)."""
-    if device.type != "cuda":
-        return _SHARED_MEMORY_OFF_CUDA
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
 def _shared_memory_estimate(block_a: int, block_c: int, num_stages: int, itemsize: int) -> int:
     """An upper bound of the sweep's shared memory: `num_stages` buffers of one chunk's a, b and c tiles, plus,
     without a pipeline to reuse, one more a-wide tile for the tensor-core operand staging (TF32 at d = 256:
@@ -252,7 +243,7 @@ def _launch_config(dim_a: int, dim_c: int, dtype: torch.dtype, device: torch.dev
     block_a = max(16, triton.next_power_of_2(dim_a))
     block_c = max(16, min(64, triton.next_power_of_2(dim_c)))
     num_warps, num_stages = (4, 2) if block_a <= 128 else (8, 3)
-    itemsize, limit = _tile_itemsize(dtype), _shared_memory_limit(device)
+    itemsize, limit = _tile_itemsize(dtype), shared_memory_limit(device)
     while num_stages > 1 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
         num_stages -= 1
     while block_c > 16 and _shared_memory_estimate(block_a, block_c, num_stages, itemsize) > limit:
@@ -406,18 +397,19 @@ def _launch_sweep(a, b, c, out, rates, state_in, state_out, seq_bounds, *, seq_l
     block_a, block_c, num_warps, num_stages = _launch_config(dim_a, dim_c, a.dtype, a.device)
     seq_starts, seq_ends = seq_bounds if seq_bounds is not None else (None, None)
     c_slices = -(-dim_c // block_c)
-    _lightning_attn_sweep_kernel[(c_slices, num_seqs, heads)](
-        a, b, c, out, rates, state_in, state_out, seq_starts, seq_ends,
-        seq_len,
-        a.stride(-3), a.stride(-2), b.stride(-3), b.stride(-2), c.stride(-3), c.stride(-2),
-        out.stride(-3), out.stride(-2),
-        *_state_strides(state_in), *_state_strides(state_out),
-        *scales,
-        DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices, CHUNK=CHUNK_SIZE,
-        REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
-        STORE_OUT=store_out, VARLEN=seq_bounds is not None, UPCAST=_upcast(a.dtype),
-        INPUT_PRECISION=_input_precision(a.dtype, precision), num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device(a):
+        _lightning_attn_sweep_kernel[(c_slices, num_seqs, heads)](
+            a, b, c, out, rates, state_in, state_out, seq_starts, seq_ends,
+            seq_len,
+            a.stride(-3), a.stride(-2), b.stride(-3), b.stride(-2), c.stride(-3), c.stride(-2),
+            out.stride(-3), out.stride(-2),
+            *_state_strides(state_in), *_state_strides(state_out),
+            *scales,
+            DIM_A=dim_a, DIM_C=dim_c, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices, CHUNK=CHUNK_SIZE,
+            REVERSE=reverse, HAS_STATE_IN=state_in is not None, STORE_STATE_OUT=state_out is not None,
+            STORE_OUT=store_out, VARLEN=seq_bounds is not None, UPCAST=_upcast(a.dtype),
+            INPUT_PRECISION=_input_precision(a.dtype, precision), num_warps=num_warps, num_stages=num_stages,
+        )
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -455,18 +447,19 @@ def _launch_backward(roles, dims, q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, 
     c_slices = -(-dims[1] // block_c)
     seq_starts, seq_ends = (cu_seqlens[:-1], cu_seqlens[1:]) if cu_seqlens is not None else (None, None)
     slots = {role: roles.index(role) if role in roles else -1 for role in ("dq", "dk", "dv")}
-    _lightning_attn_bwd_kernel[(len(roles) * c_slices, num_seqs, heads)](
-        q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, seq_starts, seq_ends, seq_len,
-        *(stride for x in (q, k, v, do, dq, dk, dv) for stride in (x.stride(-3), x.stride(-2))),
-        *_state_strides(h0), *_state_strides(dht), *_state_strides(dh0),
-        scale,
-        KEY_DIM=key_dim, VALUE_DIM=value_dim, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices,
-        DQ_SLOT=slots["dq"], DK_SLOT=slots["dk"], DV_SLOT=slots["dv"],
-        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        CHUNK=CHUNK_SIZE, VARLEN=cu_seqlens is not None, UPCAST=_upcast(q.dtype),
-        INPUT_PRECISION=_input_precision(q.dtype, precision),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device(q):
+        _lightning_attn_bwd_kernel[(len(roles) * c_slices, num_seqs, heads)](
+            q, k, v, do, dq, dk, dv, rates, h0, dht, dh0, seq_starts, seq_ends, seq_len,
+            *(stride for x in (q, k, v, do, dq, dk, dv) for stride in (x.stride(-3), x.stride(-2))),
+            *_state_strides(h0), *_state_strides(dht), *_state_strides(dh0),
+            scale,
+            KEY_DIM=key_dim, VALUE_DIM=value_dim, BLOCK_A=block_a, BLOCK_C=block_c, C_SLICES=c_slices,
+            DQ_SLOT=slots["dq"], DK_SLOT=slots["dk"], DV_SLOT=slots["dv"],
+            HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            CHUNK=CHUNK_SIZE, VARLEN=cu_seqlens is not None, UPCAST=_upcast(q.dtype),
+            INPUT_PRECISION=_input_precision(q.dtype, precision),
+            num_warps=num_warps, num_stages=num_stages,
+        )
 
 
 class _Sequences(NamedTuple):

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_device import on_device
+
 Tensor = torch.Tensor
 
 MAX_ROW_WIDTH = 16384  # one row lives in registers (16 warps, 32 fp32 a thread); TNL-7B is 4096 wide
@@ -96,11 +98,12 @@ def _srms_norm_fwd(x: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, 
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     y_rows = y.view(-1, width)
     if x_rows.shape[0] > 0:
-        _srms_norm_fwd_kernel[(x_rows.shape[0],)](
-            x_rows, gate_rows, y_rows, rstd,
-            x_rows.stride(0), gate_rows.stride(0), y_rows.stride(0),
-            width, eps, HAS_GATE=gate is not None, **_launch_config(width),
-        )
+        with on_device(x):
+            _srms_norm_fwd_kernel[(x_rows.shape[0],)](
+                x_rows, gate_rows, y_rows, rstd,
+                x_rows.stride(0), gate_rows.stride(0), y_rows.stride(0),
+                width, eps, HAS_GATE=gate is not None, **_launch_config(width),
+            )
     return y, rstd
 
 
@@ -113,11 +116,12 @@ def _srms_norm_bwd(dy: Tensor, x: Tensor, gate: Tensor | None, rstd: Tensor) -> 
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if gate is not None else dx
     dx_rows, dgate_rows = dx.view(-1, width), dgate.view(-1, width)
     if x_rows.shape[0] > 0:
-        _srms_norm_bwd_kernel[(x_rows.shape[0],)](
-            dy_rows, x_rows, gate_rows, rstd, dx_rows, dgate_rows,
-            dy_rows.stride(0), x_rows.stride(0), gate_rows.stride(0), dx_rows.stride(0), dgate_rows.stride(0),
-            width, HAS_GATE=gate is not None, **_launch_config(width),
-        )
+        with on_device(x):
+            _srms_norm_bwd_kernel[(x_rows.shape[0],)](
+                dy_rows, x_rows, gate_rows, rstd, dx_rows, dgate_rows,
+                dy_rows.stride(0), x_rows.stride(0), gate_rows.stride(0), dx_rows.stride(0), dgate_rows.stride(0),
+                width, HAS_GATE=gate is not None, **_launch_config(width),
+            )
     return [dx, dgate] if gate is not None else [dx]
 
 

@@ -29,16 +29,19 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated, residual", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("rows, n, k", [(1, 40, 96), (5, 64, 512), (16, 2100, 200), (3, 4100, 1100)])
-def test_gemv_vs_float64(rows, n, k, gated, dtype, kernel_calls):
-    """N and K not multiples of the tiles, 2048-row and wide configs, one to sixteen rows; one rounding to dtype."""
+def test_gemv_vs_float64(rows, n, k, gated, residual, dtype, kernel_calls):
+    """N and K not multiples of the tiles, 2048-row and wide configs, one to sixteen rows, with and without the gate
+    and the residual; one rounding to dtype."""
     generator = torch.Generator().manual_seed(rows + n + k)
     x = torch.randn(1, rows, k, generator=generator).to(dtype)
     weight, gate = (torch.randn(n, k, generator=generator).div(k ** 0.5).to(dtype) for _ in range(2))
-    out = gemv(x, weight, gate if gated else None, backend="triton")
+    skip = torch.randn(1, rows, n, generator=generator).mul(4).to(dtype) if residual else None
+    out = gemv(x, weight, gate if gated else None, residual=skip, backend="triton")
     assert kernel_calls == [(rows, k)]
-    truth = gemv_ref(x.double(), weight.double(), gate.double() if gated else None)
+    truth = gemv_ref(x.double(), weight.double(), gate.double() if gated else None,
+                     skip.double() if residual else None)
     assert out.shape == (1, rows, n) and out.dtype == dtype
     torch.testing.assert_close(out.double(), truth, rtol=1e-2, atol=1e-2 * truth.abs().max().item())
 
@@ -75,6 +78,8 @@ def test_gemv_bad_shapes_name_the_arguments():
         gemv(torch.randn(2, 8), torch.randn(4, 9))
     with pytest.raises(ValueError, match="gate_weight"):
         gemv(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 4\)"):
+        gemv(torch.randn(2, 8), torch.randn(4, 8), residual=torch.randn(2, 8))
 
 
 class _Recorded(nn.Linear):
@@ -95,10 +100,12 @@ def test_project_calls_layers_that_are_not_plain_linears(kernel_calls):
     seen = []
     hooked.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     wrapped = _Recorded(16, 8, bias=False).bfloat16()
+    skip = torch.randn(1, 1, 8).bfloat16()
     for layer in (biased, hooked, wrapped):
         torch.testing.assert_close(project(x, layer, backend="triton"), layer(x))
+        assert torch.equal(project(x, layer, backend="triton", residual=skip), skip + layer(x))  # added after
     torch.testing.assert_close(project(x, plain, hooked, backend="triton"), plain(x) * hooked(x))
-    assert kernel_calls == [] and len(seen) == 4 and _Recorded.calls == 2  # each layer: project and the check
+    assert kernel_calls == [] and len(seen) == 6 and _Recorded.calls == 4  # each layer: two projects and two checks
     with torch.no_grad():
         out = project(x, plain, plain, backend="triton")
     assert kernel_calls == [(1, 16)]
@@ -106,8 +113,8 @@ def test_project_calls_layers_that_are_not_plain_linears(kernel_calls):
 
 
 def test_a_bf16_decode_step_runs_its_projections_as_gemvs(kernel_calls):
-    """Per layer: qkvu, out and the gated l1 * l2, l3; then lm_head. The prompt's 2 x 9 rows take F.linear, and the
-    step's logits stay within bf16 rounding of the torch backend's."""
+    """Per layer: qkvu, out (plus the skip connection) and the gated l1 * l2, l3 (plus the skip); then lm_head. The
+    prompt's 2 x 9 rows take F.linear, and the step's logits stay within bf16 rounding of the torch backend's."""
     torch.manual_seed(0)
     model = TransNormerLLMForCausalLM(tiny_config(attention_backend="triton")).bfloat16().eval()
     reference = TransNormerLLMForCausalLM(tiny_config(attention_backend="torch")).bfloat16().eval()

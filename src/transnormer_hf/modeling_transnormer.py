@@ -88,13 +88,16 @@ def _is_plain_linear(module: nn.Module) -> bool:
             and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks))
 
 
-def project(x: torch.Tensor, linear: nn.Module, gate: nn.Module | None = None, backend: str = "auto") -> torch.Tensor:
-    """linear(x), times gate(x) when given (the SGLU gate). A decoding step's few rows through plain layers go to
-    `kernels.gemv` (a Triton GEMV on CUDA: both gate products in one pass); everything else calls the modules."""
+def project(x: torch.Tensor, linear: nn.Module, gate: nn.Module | None = None, backend: str = "auto",
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x), times gate(x) when given (the SGLU gate), plus `residual` when given. A decoding step's few rows
+    through plain layers go to `kernels.gemv` (a Triton GEMV on CUDA: both gate products and the residual in one
+    pass); everything else calls the modules and adds the residual after them."""
     layers = (linear,) if gate is None else (linear, gate)
     if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and all(_is_plain_linear(layer) for layer in layers):
-        return gemv(x, linear.weight, None if gate is None else gate.weight, backend=backend)
-    return linear(x) if gate is None else linear(x) * gate(x)
+        return gemv(x, linear.weight, None if gate is None else gate.weight, residual=residual, backend=backend)
+    out = linear(x) if gate is None else linear(x) * gate(x)
+    return out if residual is None else residual + out
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -168,9 +171,10 @@ class TransNormerLLMMLP(nn.Module):
         self.l3 = nn.Linear(inner, width, bias=config.use_bias)
         self.backend = config.attention_backend
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """l3(l1(x) * l2(x)), plus `residual` when given (the decoder layer's skip connection, fused while decoding)."""
         gated = project(hidden_states, self.l1, self.l2, self.backend)
-        return project(gated, self.l3, backend=self.backend)
+        return project(gated, self.l3, backend=self.backend, residual=residual)
 
 
 class TransNormerLLMAttention(nn.Module):
@@ -215,8 +219,10 @@ class TransNormerLLMAttention(nn.Module):
         output_final_state: bool,
         state_in_place: bool = False,
         context_parallel: ContextParallelLayout | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`state_in_place`: a one-token step may write the new state into `state` (the static cache's)."""
+        """`state_in_place`: a one-token step may write the new state into `state` (the static cache's). `residual`:
+        added to the output (the decoder layer's skip connection, in out_proj's pass while decoding)."""
         batch, length, _ = hidden_states.shape
         q, k, v, u = project(hidden_states, self.qkvu_proj, backend=self.backend).chunk(4, dim=-1)
         q, k, v = (x.view(batch, length, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, N, H, D)
@@ -231,7 +237,7 @@ class TransNormerLLMAttention(nn.Module):
                 theta=self.lrpe.theta if lrpe else None, position=positions if lrpe else None,
                 out_state=state if state_in_place else None, backend="triton",
             )
-            return self._output(out.reshape(batch, length, -1), u), new_state  # (B, 1, H * D)
+            return self._output(out.reshape(batch, length, -1), u, residual), new_state  # (B, 1, H * D)
         q, k = self.act(q), self.act(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions), self.lrpe(k, positions)  # (B, N, H, 2D)
@@ -254,21 +260,22 @@ class TransNormerLLMAttention(nn.Module):
                 cu_seqlens=cu_seqlens, output_dtype=torch.float32 if fp32_output else None, backend=self.backend,
                 context_parallel=context_parallel,
             )
-        return self._output(out.reshape(batch, length, -1), u), new_state  # (B, N, H * D)
+        return self._output(out.reshape(batch, length, -1), u, residual), new_state  # (B, N, H * D)
 
     def _fused_step(self, q: torch.Tensor) -> bool:
         """Whether a one-token step takes the fused Triton decode kernel (Triton backend, a feature map it has)."""
         return self.step_activation is not None and resolve_backend(self.backend, q.device, "triton_decode") == "triton"
 
-    def _output(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """out_proj(u * norm(out)) for out, u (B, N, H * D); an fp32 `out` of an fp16 model is normalised in fp32."""
+    def _output(self, out: torch.Tensor, u: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """out_proj(u * norm(out)) (+ residual) for out, u (B, N, H * D); an fp32 `out` of an fp16 model is normalised
+        in fp32."""
         if out.dtype != u.dtype:
             gated = u * self._norm_fp32(out).to(u.dtype)
         elif isinstance(self.norm, TransNormerLLMSRMSNorm):  # u * norm(out) in one fused pass on Triton
             gated = gated_srms_norm(out, u, self.norm.eps, backend=self.norm.backend)
         else:
             gated = u * self.norm(out)
-        return project(gated, self.out_proj, backend=self.backend)
+        return project(gated, self.out_proj, backend=self.backend, residual=residual)
 
     def _norm_fp32(self, out: torch.Tensor) -> torch.Tensor:
         """The output norm of an fp32 `out`, in fp32 (a LayerNorm's fp16 parameters are upcast for it)."""
@@ -299,12 +306,12 @@ class TransNormerLLMDecoderLayer(GradientCheckpointingLayer):
         state_in_place: bool = False,
         context_parallel: ContextParallelLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        mixed, new_state = self.token_mixer(
+        # The mixers add the skip connections themselves: while decoding, in the GEMVs of out_proj and l3.
+        hidden_states, new_state = self.token_mixer(
             self.token_norm(hidden_states), state, positions, padding_mask, cu_seqlens, output_final_state,
-            state_in_place, context_parallel,
+            state_in_place, context_parallel, residual=hidden_states,
         )
-        hidden_states = hidden_states + mixed
-        hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
+        hidden_states = self.channel_mixer(self.channel_norm(hidden_states), residual=hidden_states)
         return hidden_states, new_state
 
 

@@ -273,8 +273,9 @@ def _decode_projections(preset: str) -> dict[str, tuple[int, int, bool]]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_name)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_decode_gemv(preset, dtype, rows):
-    """The few-row Triton GEMV of a decoding step at the preset's projections, gated l1 * l2 included, against the
-    float64 truth with cuBLAS (F.linear in the dtype) as the baseline."""
+    """The few-row Triton GEMV of a decoding step at the preset's projections, gated l1 * l2 included and out / l3
+    with the decoder layer's skip connection added, against the float64 truth with cuBLAS (F.linear in the dtype,
+    then the add) as the baseline."""
     from transnormer_hf.kernels import gemv, gemv_ref
 
     generator = torch.Generator(DEVICE).manual_seed(rows)
@@ -283,8 +284,10 @@ def test_decode_gemv(preset, dtype, rows):
         weight, gate = (representable(torch.randn(n, k, generator=generator, device=DEVICE) / k**0.5)
                         for _ in range(2))
         gate = gate if gated else None
-        out = gemv(x.to(dtype), weight.to(dtype), None if gate is None else gate.to(dtype), backend="triton")
-        baseline = gemv_ref(x.to(dtype), weight.to(dtype), None if gate is None else gate.to(dtype))
-        truth = gemv_ref(x.double(), weight.double(), None if gate is None else gate.double())
+        skip = representable(torch.randn(rows, n, generator=generator, device=DEVICE)) if name in ("out", "l3") else None
+        operands = (x, weight, gate, skip)
+        low, exact = ([None if t is None else t.to(to) for t in operands] for to in (dtype, torch.float64))
+        out = gemv(low[0], low[1], low[2], residual=low[3], backend="triton")
+        baseline, truth = gemv_ref(*low), gemv_ref(*exact)
         assert out.dtype == dtype and out.shape == (rows, n)
         assert_close_to_ref(f"{preset} {name} rows={rows}", out, truth, baseline, slack=SLACK[dtype])

@@ -46,8 +46,10 @@ def guarded(monkeypatch):
 
 
 def _launches(guarded, run) -> list[torch.Tensor]:
+    """The tensors `run`'s launches asked the guard for (each must be a tensor whose device it can read)."""
     del guarded[:]
     run()
+    assert all(isinstance(tensor, torch.Tensor) for tensor in guarded), guarded
     return list(guarded)
 
 
@@ -71,4 +73,3 @@ def test_every_launcher_launches_on_its_tensors_device(guarded):
                                                                backend="triton"))) == 2  # two chunks
     rows = torch.randn(2, 16).bfloat16()
     assert len(_launches(guarded, lambda: gemv(rows, weight.bfloat16(), backend="triton"))) == 1
-    assert all(isinstance(tensor, torch.Tensor) for tensor in guarded)

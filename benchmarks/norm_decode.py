@@ -286,15 +286,15 @@ def main() -> int:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    result = {"environment": environment(), "copy_bandwidth_GBps": round(copy_bandwidth() / 1e9, 1)}
+    bandwidth = copy_bandwidth()
+    result = {"environment": environment(), "copy_bandwidth_GBps": round(bandwidth / 1e9, 1)}
     print(result["environment"], "copy bandwidth (GB/s):", result["copy_bandwidth_GBps"], flush=True)
     result["fullgraph_compile"] = check_fullgraph()
     print("torch.compile(fullgraph=True):", result["fullgraph_compile"], flush=True)
     result["norm_accuracy_bf16_vs_float64"] = check_norm_accuracy()
     print("norm accuracy:", result["norm_accuracy_bf16_vs_float64"], flush=True)
-    bandwidth = result["copy_bandwidth_GBps"] * 1e9
-    sections = {"decode": lambda: run_decode(args.batches, args.key_dims, bandwidth), "norm": lambda: run_norm(args.tokens),
-                "breakdown": lambda: run_breakdown(args.tokens)}
+    sections = {"decode": lambda: run_decode(args.batches, args.key_dims, bandwidth),
+                "norm": lambda: run_norm(args.tokens), "breakdown": lambda: run_breakdown(args.tokens)}
     for section in args.sections:
         result[section] = sections[section]()
         with open(args.out, "w") as handle:  # after each section, so a run cut short keeps what it measured

@@ -1,16 +1,16 @@
-"""Products x W^T of a few rows (decoding), in Triton: y = x W^T or the SGLU gate y = (x W^T) * (x G^T), plus a residual.
+"""Products x W^T of a few rows (decoding), in Triton: y = x W^T or the SGLU gate (x W^T) * (x G^T), plus a residual.
 
 While decoding, every linear layer is a matrix-vector product (GEMV): a handful of rows meet a (N, K) weight that
 is read once per token, so the layer is bound by the weight's bytes. cuBLAS reaches a third to three quarters of the
-H200's copy bandwidth on TNL-1B's 8-33 MB weights; most of the rest is each kernel's start and tail. This kernel gives each
-program BLOCK_N weight rows, walks K in BLOCK_K slices with a deep load pipeline and multiplies the rows of x
+H200's copy bandwidth on TNL-1B's 8-33 MB weights; most of the rest is each kernel's start and tail. This kernel gives
+each program BLOCK_N weight rows, walks K in BLOCK_K slices with a deep load pipeline and multiplies the rows of x
 (zero-padded to 16, the smallest tensor-core tile) on the tensor cores, accumulating in fp32. The gated variant
 reads the SGLU's two weights in one pass and multiplies the two products before rounding once, which also
 saves the elementwise kernel between them; a residual (the decoder layer's skip connection) is added the same way,
 saving the elementwise add after out_proj and l3. Launch settings were measured on an H200 (`benchmarks/gemv.py`,
-benchmarks/results/gemv_h200.json): narrow row
-blocks for 2048-row weights (more programs), wide ones for the rest. The gain over cuBLAS is 2-10% per product
-(lm_head reaches the copy bandwidth); the small weights stay bound by each kernel's start and tail.
+benchmarks/results/gemv_h200.json): narrow row blocks for 2048-row weights (more programs), wide ones for the rest.
+The gain over cuBLAS is 2-10% per product (lm_head reaches the copy bandwidth); the small weights stay bound by
+each kernel's start and tail.
 
 The math is `reference.gemv_ref`; `kernels.gemv` decides when this kernel runs (16-bit, few rows, eager).
 """

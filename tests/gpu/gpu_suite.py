@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import math
 import os
 import tempfile
@@ -71,9 +72,19 @@ def length_variant(length: int) -> str:
 
 # GPU memory is shared by the suite's workers as a budget of 4 GiB units (file locks): each test holds as many as its
 # `gpu_memory(gib)` mark says (its measured peak, rounded up; DEFAULT_GIB unmarked) and waits until they are free.
-MEMORY_BUDGET_GIB = float(os.environ.get("TNL_GPU_SUITE_MEMORY_GIB", "128"))  # of the H200's 139.8, less contexts
 UNIT_GIB = 4
 DEFAULT_GIB = 8
+CONTEXT_GIB = 2  # what each worker's CUDA context, allocator and Triton hold outside the tests' own tensors
+
+
+@functools.cache
+def memory_budget_gib() -> float:
+    """The GiB the workers' tests share: TNL_GPU_SUITE_MEMORY_GIB, else this GPU's memory less CONTEXT_GIB per worker
+    (128 of an H200's 139.8 with 6 workers, 67 of an H100's 79.2), so the budget fits whichever GPU runs the suite."""
+    if "TNL_GPU_SUITE_MEMORY_GIB" in os.environ:
+        return float(os.environ["TNL_GPU_SUITE_MEMORY_GIB"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return torch.cuda.get_device_properties(DEVICE).total_memory / 2**30 - CONTEXT_GIB * workers
 
 
 def gpu_memory(gib: float) -> pytest.MarkDecorator:
@@ -85,7 +96,7 @@ def gpu_memory(gib: float) -> pytest.MarkDecorator:
 def gpu_memory_share(gib: float):
     """Holds enough of the budget's units for `gib` GiB across the session's workers (waits until they are free)."""
     folder = Path(os.environ.get("TNL_GPU_SUITE_LOCKS") or tempfile.gettempdir())
-    total = max(1, int(MEMORY_BUDGET_GIB // UNIT_GIB))
+    total = max(1, int(memory_budget_gib() // UNIT_GIB))
     wanted = min(total, max(1, math.ceil(gib / UNIT_GIB)))
     while True:
         held = []

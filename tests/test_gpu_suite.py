@@ -50,3 +50,28 @@ def test_gpu_suite_workers_apply_the_kernel_variant_groups(tmp_path):
     for worker, (loadgroup, ids) in reports.items():
         assert loadgroup is True, f"{worker} collected with loadgroup={loadgroup!r}"
         assert any("N1-" in nodeid for nodeid in ids), ids
+
+
+def test_gpu_memory_budget_fits_the_gpu_that_runs_the_suite(monkeypatch):
+    """Regression: the budget was the H200's fixed 128 GiB, so on an H100 (79.2 GiB) the workers' tests together
+    asked for more memory than the card has and 131 of 180 ran out of it. It now follows the device and the workers."""
+    import torch
+
+    from tests.gpu import gpu_suite
+
+    class H100:
+        total_memory = 85_045_870_592  # 79.2 GiB, as torch reports an H100 80GB HBM3
+
+    monkeypatch.delenv("TNL_GPU_SUITE_MEMORY_GIB", raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "8")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H100)
+    gpu_suite.memory_budget_gib.cache_clear()
+    try:
+        budget = gpu_suite.memory_budget_gib()
+        assert budget + 8 * gpu_suite.CONTEXT_GIB <= H100.total_memory / 2**30, budget
+        assert budget > 48, budget  # the largest test's share (test_gpu_model's 48 GiB) still fits
+        monkeypatch.setenv("TNL_GPU_SUITE_MEMORY_GIB", "20")
+        gpu_suite.memory_budget_gib.cache_clear()
+        assert gpu_suite.memory_budget_gib() == 20
+    finally:
+        gpu_suite.memory_budget_gib.cache_clear()
